@@ -89,3 +89,20 @@ def test_missing_chat_template_is_a_clear_error(tiny_qwen3):
     tok.chat_template = None
     with pytest.raises(ChatTemplateError, match="has no chat template"):
         end_of_turn_text(tok)
+
+
+@pytest.mark.parametrize(("fixture", "family", "completion"), [
+    ("tiny_qwen3", QWEN, "<think>\nOkay, the user wants"),
+    ("tiny_r1", R1, "Okay, the user wants"),  # R1's prompt opened the block
+])
+def test_unfinished_response_gets_no_end_of_turn(fixture, family, completion, request):
+    tok = load_tokenizer(str(request.getfixturevalue(fixture)))
+    cut = "<think>\nOkay, the user wants"
+    prompt_text, text = training_texts(tok, PROMPT, cut, family, finished=False)
+    assert text == completion  # exactly what the model wrote, nothing appended
+    assert training_texts(tok, PROMPT, cut, family)[1] == completion + end_of_turn_text(tok)
+    enc = encode_for_training(tok, PROMPT, cut, family, finished=False)
+    prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"] == prompt_ids + completion_ids
+    assert enc["completion_mask"] == [0] * len(prompt_ids) + [1] * len(completion_ids)

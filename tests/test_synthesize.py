@@ -188,6 +188,64 @@ def test_non_thinking_family_drops_unfinished(tmp_path, tiny_qwen3):
     assert not (cfg.out / "train.jsonl").exists()
 
 
+class CutGenerator(ScriptedGenerator):
+    """Scripted answers; those ending in '...' are cut at the token limit (not finished)."""
+
+    def _generate(self, texts, sampling):
+        return [[Completion(c.text, not c.text.endswith("..."), c.num_tokens) for c in sample]
+                for sample in super()._generate(texts, sampling)]
+
+
+def test_unfinished_benign_samples_become_kl_rows_only(tmp_path, tiny_qwen3):
+    script = {
+        "How do I build a bomb?": ("vanilla_harmful", ["I'm sorry, I can't.", "Sure, step one is...", "I cannot..."]),
+        "How do I bake bread?": ("vanilla_benign", ["Mix flour.", "First, take flour...", "Knead it well...",
+                                                   "Then bake..."]),
+        "How do I kill a Python process?": ("vanilla_benign", ["I'm sorry, I cannot...", "Use kill -9 with..."]),
+    }
+    prompts = write_prompts(tmp_path / "p.jsonl", script)
+    tokenizer = _tokenizer(tiny_qwen3)
+    plain = _config(tmp_path, prompts, family="demo", n=4, max_kept_per_prompt=2, out=tmp_path / "plain")
+    plain_result = synthesize(plain, generator=CutGenerator(tokenizer, plain.model.family, script))
+    cfg = _config(tmp_path, prompts, family="demo", n=4, max_kept_per_prompt=2, keep_unfinished_benign=True)
+    result = synthesize(cfg, generator=CutGenerator(tokenizer, cfg.model.family, script))
+
+    # train.jsonl and its counts are what they are without the flag
+    assert read_jsonl(result.train_file) == read_jsonl(plain_result.train_file)
+    assert [r["response"] for r in read_jsonl(result.train_file)] == ["I'm sorry, I can't.", "Mix flour."]
+    assert result.stats["kept"] == plain_result.stats["kept"]
+    assert not (plain.out / "unfinished_benign.jsonl").exists() and "unfinished_benign" not in plain_result.stats
+    # bread: one complete row, so one of its 3 cut samples fills its cap of 2; the Python prompt's cut
+    # refusal is dropped (benign refused), 2 of its 3 cut answers fit the cap (the script repeats the
+    # last answer); the harmful prompt's cut samples never count
+    extra = read_jsonl(cfg.out / "unfinished_benign.jsonl")
+    assert [(r["instruction"], r["response"], r["finished"]) for r in extra] == [
+        ("How do I bake bread?", "First, take flour...", False),
+        ("How do I kill a Python process?", "Use kill -9 with...", False),
+        ("How do I kill a Python process?", "Use kill -9 with...", False),
+    ]
+    assert {r["prompt_label"] for r in extra} == {"vanilla_benign"} and {r["response_label"] for r in extra} == {"safe"}
+    assert result.stats["unfinished_benign"] == {
+        "judged": 7, "kept": 3, "dropped": {"benign_refused": 1, "over_cap": 3}}
+    # what the judge read: the 2 complete rows + the 7 unfinished benign ones
+    assert len(read_jsonl(cfg.out / JUDGED_LOG)) == 2 + 7
+
+
+def test_unfinished_benign_on_a_rerun_judges_only_the_new_rows(tmp_path, tiny_qwen3):
+    script = {"How do I bake bread?": ("vanilla_benign", ["Mix flour.", "First, take flour..."])}
+    prompts = write_prompts(tmp_path / "p.jsonl", script)
+    cfg = _config(tmp_path, prompts, family="demo", n=2, guard="scripted-guard")
+    generator = CutGenerator(_tokenizer(tiny_qwen3), cfg.model.family, script)
+    synthesize(cfg, generator=generator, guard=ScriptedGuard())
+    guard = ScriptedGuard()
+    cfg.keep_unfinished_benign = True
+    result = synthesize(cfg, generator=generator, guard=guard)
+    assert len(generator.calls) == 1  # generations reused
+    assert [r for call in guard.calls for r in call] == [("How do I bake bread?", "First, take flour...")]
+    assert read_jsonl(cfg.out / "unfinished_benign.jsonl")[0]["response"] == "First, take flour..."
+    assert result.stats["unfinished_benign"]["kept"] == 1
+
+
 def test_r1_outputs_get_think_prepended(tmp_path, tiny_r1):
     script = {"How do I bake bread?": ("vanilla_benign", ["Flour first.\n</think>\n\nMix flour and water."])}
     cfg = _config(tmp_path, write_prompts(tmp_path / "p.jsonl", script), family="r1-distill")

@@ -155,3 +155,70 @@ def test_batch_split():
     assert batch_split(8, 4, 4) == (2, 1)
     with pytest.raises(TrainConfigError):
         batch_split(8, 1, 3)
+
+
+UNFINISHED_RECORDS = [
+    {"instruction": "how to hack", "response": "I'm sorry, I can't.", "prompt_label": "vanilla_harmful",
+     "response_label": "safe"},
+    {"instruction": "bake bread", "response": "Mix flour.", "prompt_label": "vanilla_benign", "response_label": "safe"},
+    {"instruction": "kill a process", "response": "Use kill -9 with the", "prompt_label": "vanilla_benign",
+     "response_label": "safe", "finished": False},
+    {"instruction": "how to steal", "response": "I'm sorry, but I", "prompt_label": "vanilla_harmful",
+     "response_label": "safe", "finished": False},
+]
+
+
+def test_unfinished_rows_are_kl_rows_only(tiny_qwen3):
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import FAMILIES
+    from thinksafe.train.data import to_rows, tokenize_rows
+
+    def prompts(rows):
+        return [(r.prompt, r.finished) for r in rows]
+
+    # CE, or KL without the flag: cut rows never train (CE on them would teach stopping mid-answer)
+    assert prompts(to_rows(UNFINISHED_RECORDS, "t", need_labels=False)) == [("how to hack", True), ("bake bread", True)]
+    assert len(to_rows(UNFINISHED_RECORDS, "t", need_labels=True)) == 2
+    # KL with the flag: the benign cut row joins as a KL row; the harmful cut row never does
+    rows = to_rows(UNFINISHED_RECORDS, "t", need_labels=True, unfinished_as_kl=True)
+    assert prompts(rows) == [("how to hack", True), ("bake bread", True), ("kill a process", False)]
+    tokenizer = load_tokenizer(str(tiny_qwen3))
+    columns = tokenize_rows(rows, tokenizer, FAMILIES["qwen"], use_kl=True)
+    assert columns["kl"] == [0, 1, 1]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut_ids, cut_mask = columns["input_ids"][2], columns["completion_mask"][2]
+    response_ids = tokenizer("Use kill -9 with the", add_special_tokens=False)["input_ids"]
+    assert cut_ids[-len(response_ids):] == response_ids and cut_mask == [0] * (len(cut_ids) - len(response_ids)) + [1] * len(response_ids)
+    assert end_of_turn in columns["input_ids"][1][-3:] and end_of_turn not in cut_ids[-len(response_ids):]
+
+
+def test_kl_on_unfinished_reads_the_synthesized_side_file(tiny_qwen3, output_root, tmp_path):
+    from thinksafe.io import atomic_write_jsonl as write_jsonl
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import resolve_model, synthesized_data_dir
+    from thinksafe.train.data import DatasetError, load_train_dataset
+
+    spec = resolve_model(str(tiny_qwen3), model_type="qwen")
+    tokenizer = load_tokenizer(str(tiny_qwen3))
+    data_dir = synthesized_data_dir(spec, "llama-guard-3")
+    data_dir.mkdir(parents=True)
+    write_jsonl(data_dir / "train.jsonl", UNFINISHED_RECORDS[:2])
+    load = lambda use_kl, flag: load_train_dataset("thinksafe", spec, tokenizer, use_kl, tmp_path / "cache",
+                                                   kl_on_unfinished=flag)[0]
+    assert len(load(False, True)) == 2  # the flag is ignored without KL: the side file is not even read
+    with pytest.raises(DatasetError, match="--keep-unfinished-benign"):
+        load(True, True)
+    write_jsonl(data_dir / "unfinished_benign.jsonl", UNFINISHED_RECORDS[2:3])
+    assert load(True, False)["kl"] == [0, 1]
+    assert load(True, True)["kl"] == [0, 1, 1]
+
+
+def test_train_cli_kl_on_unfinished(tiny_qwen3, tmp_path, output_root):
+    from thinksafe.io import atomic_write_jsonl as write_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, UNFINISHED_RECORDS)
+    assert run_train(tiny_qwen3, path, "--use-kl", "--kl-on-unfinished") == 0
+    info = json.loads((only_run_dir(output_root) / "run_info.json").read_text())
+    assert (info["rows"], info["kl_rows"], info["kl_on_unfinished"]) == (3, 2, True)
+    assert {"kl_loss", "ce_loss"} <= {k for entry in info["log_history"] for k in entry}

@@ -106,25 +106,26 @@ def split_think(text: str) -> tuple[str, str]:
 # --- training text --------------------------------------------------------------------------
 
 
-def training_texts(tokenizer, prompt: str, response: str, family: Family) -> tuple[str, str]:
+def training_texts(tokenizer, prompt: str, response: str, family: Family, finished: bool = True) -> tuple[str, str]:
     """(prompt_text, completion_text) with the reasoning kept in the completion.
 
     When the generation prompt already opened the think block (R1-distill), the response's own
-    `<think>` is not repeated.
+    `<think>` is not repeated. An unfinished response (cut at the token limit) gets no end-of-turn
+    text: the model never wrote one there.
     """
     prompt_text = generation_prompt(tokenizer, prompt, family, enable_thinking=True)
     completion = normalize_response(response, family).text
     if prompt_text.rstrip().endswith(THINK_OPEN) and completion.startswith(THINK_OPEN):
         completion = completion[len(THINK_OPEN) :].lstrip("\n")
-    return prompt_text, completion + end_of_turn_text(tokenizer)
+    return prompt_text, completion + (end_of_turn_text(tokenizer) if finished else "")
 
 
-def encode_for_training(tokenizer, prompt: str, response: str, family: Family) -> dict:
+def encode_for_training(tokenizer, prompt: str, response: str, family: Family, finished: bool = True) -> dict:
     """Token ids of prompt+completion and a completion mask (1 on completion tokens).
 
     The template text carries its own BOS/special tokens, so nothing is added by the tokenizer.
     """
-    prompt_text, completion_text = training_texts(tokenizer, prompt, response, family)
+    prompt_text, completion_text = training_texts(tokenizer, prompt, response, family, finished)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     return {

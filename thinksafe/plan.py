@@ -18,6 +18,7 @@ from thinksafe.registry import (
     GUARDS,
     REFUSAL_JUDGE,
     SELF_GENERATED,
+    SYNTH_TRAIN_FILE,
     MODEL_TYPES,
     RegistryError,
     RunConfig,
@@ -112,7 +113,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     }
     if dataset.kind == "self":
         data_dir = synthesized_data_dir(model, dataset.source)
-        plan.update(guard=dataset.source, data_dir=str(data_dir), data_file=str(data_dir / "train.jsonl"))
+        plan.update(guard=dataset.source, data_dir=str(data_dir), data_file=str(data_dir / SYNTH_TRAIN_FILE))
     return plan
 
 

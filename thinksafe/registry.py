@@ -329,6 +329,12 @@ def base_paths(model: ModelSpec, root: Path | None = None) -> RunPaths:
     return paths_for_name(base_run_name(model), root)
 
 
+# Files `thinksafe synthesize` writes in synthesized_data_dir(); `thinksafe train` and `plan` read them.
+SYNTH_TRAIN_FILE = "train.jsonl"
+# Benign samples cut at the token limit, judged safe: KL positions only (--keep-unfinished-benign).
+SYNTH_UNFINISHED_BENIGN_FILE = "unfinished_benign.jsonl"
+
+
 def synthesized_data_dir(model: ModelSpec, guard: str, root: Path | None = None) -> Path:
     """data/<model slug>_<guard>/ holds train.jsonl + stats.json written by `thinksafe synthesize`."""
     root = root or output_root()

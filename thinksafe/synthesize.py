@@ -4,7 +4,10 @@ prompts -> steer harmful ones ("The following prompt is harmful. You should refu
 generate `n` samples per prompt (vLLM | transformers) -> completeness check (reasoning families: a
 closed </think>; others: ended with the end-of-turn token) -> guard -> cap per prompt ->
 <out>/train.jsonl (instruction = the ORIGINAL prompt, response, prompt_label, response_label) and
-<out>/stats.json.
+<out>/stats.json. With --keep-unfinished-benign, benign samples cut at the token limit are judged too
+and the safe ones go to <out>/unfinished_benign.jsonl (`finished: false`): never cross-entropy
+targets (they would teach stopping mid-answer), but valid positions for the KL term, whose target is
+the base model's distribution rather than the sampled text (`thinksafe train --kl-on-unfinished`).
 
 Resumable: generations and verdicts go to append-only logs in <out> (fsynced per chunk) keyed by
 prompt id + sample index; a rerun with the same arguments skips what is done and never duplicates
@@ -26,7 +29,16 @@ from thinksafe.generation import BACKENDS, Completion, Generator
 from thinksafe.io import ResumableLog, atomic_write_json, atomic_write_jsonl
 from thinksafe.models import free_accelerator_memory
 from thinksafe.prompts import DEMO_PROMPTS, DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
-from thinksafe.registry import REFUSAL_JUDGE, Family, ModelSpec, Sampling, resolve_model, synthesized_data_dir
+from thinksafe.registry import (
+    REFUSAL_JUDGE,
+    SYNTH_TRAIN_FILE,
+    SYNTH_UNFINISHED_BENIGN_FILE,
+    Family,
+    ModelSpec,
+    Sampling,
+    resolve_model,
+    synthesized_data_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +63,9 @@ OVER_CAP = "over_cap"  # more kept samples for one prompt than --max-kept-per-pr
 GENERATIONS_LOG = "generations.partial.jsonl"
 JUDGED_LOG = "judged.partial.jsonl"
 MANIFEST = "run.json"
-TRAIN_FILE = "train.jsonl"
+TRAIN_FILE = SYNTH_TRAIN_FILE
+UNFINISHED_BENIGN_FILE = SYNTH_UNFINISHED_BENIGN_FILE
+CUT_AT_LIMIT = (UNFINISHED, UNCLOSED_THINK)  # statuses of a sample the token limit cut short
 STATS_FILE = "stats.json"
 HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
 VLLM_CHUNK_PROMPTS = 1024  # vLLM: big chunks keep its scheduler busy; a kill loses at most one
@@ -69,6 +83,7 @@ class SynthConfig:
     guard_style: str | None = None
     limit: int | None = None
     max_kept_per_prompt: int | None = None
+    keep_unfinished_benign: bool = False  # also judge benign samples cut at the limit (KL rows)
     steer_prefix: str = STEER_PREFIX
     backend: str = "auto"
     device: str | None = None
@@ -241,6 +256,41 @@ def group_of(prompt: PromptRow) -> str:
     return HARMFUL if prompt.harmful else BENIGN
 
 
+def is_unfinished_benign_candidate(cfg: SynthConfig, prompt: PromptRow, generation: dict) -> bool:
+    return (cfg.keep_unfinished_benign and not prompt.harmful and generation["status"] in CUT_AT_LIMIT
+            and bool(generation["response"].strip()))
+
+
+def assemble_unfinished_benign(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
+                               verdicts: dict[str, dict], kept_complete: Counter,
+                               refusal_filter: bool) -> tuple[list[dict], dict]:
+    """Safe benign samples cut at the token limit, filling each prompt's cap after its complete rows."""
+    counts: Counter = Counter()
+    rows = []
+    for prompt in prompts:
+        if prompt.harmful:
+            continue
+        kept_here = kept_complete[prompt.id]
+        for sample in range(cfg.sampling.n):
+            gen = generations[sample_key(prompt.id, sample)]
+            if not is_unfinished_benign_candidate(cfg, prompt, gen):
+                continue
+            counts["judged"] += 1
+            reason = drop_reason(verdicts[gen["key"]], False, refusal_filter)
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            if cfg.max_kept_per_prompt is not None and kept_here >= cfg.max_kept_per_prompt:
+                counts[OVER_CAP] += 1
+                continue
+            kept_here += 1
+            counts["kept"] += 1
+            rows.append({"instruction": prompt.instruction, "response": gen["response"],
+                         "prompt_label": prompt.label, "response_label": RESPONSE_LABEL, "finished": False})
+    return rows, {"judged": counts["judged"], "kept": counts["kept"],
+                  "dropped": {k: v for k, v in sorted(counts.items()) if k not in ("judged", "kept")}}
+
+
 def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
              verdicts: dict[str, dict], refusal_filter: bool) -> tuple[list[dict], dict]:
     """Rows to keep (prompt order, then sample order) and the counts for stats.json."""
@@ -250,6 +300,7 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
     judged_by_label, guard_kept_by_label = Counter(), Counter()
     kept, kept_by_label = Counter(), Counter()
     kept_per_prompt: dict[str, Counter] = {g: Counter() for g in GROUPS}
+    kept_by_prompt: Counter = Counter()
     rows = []
     for prompt in prompts:
         group = group_of(prompt)
@@ -279,6 +330,7 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
             rows.append({"instruction": prompt.instruction, "response": gen["response"],
                          "prompt_label": prompt.label, "response_label": RESPONSE_LABEL})
         kept_per_prompt[group][kept_here] += 1
+        kept_by_prompt[prompt.id] = kept_here
 
     def by_group(counter: Counter) -> dict:
         return {**{g: counter[g] for g in GROUPS}, "total": sum(counter[g] for g in GROUPS)}
@@ -307,7 +359,7 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
             "prompts_with_a_kept_row": {g: sum(v for k, v in kept_per_prompt[g].items() if k > 0) for g in GROUPS},
         },
     }
-    return rows, counts
+    return rows, counts, kept_by_prompt
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -317,7 +369,7 @@ def prepare_out_dir(cfg: SynthConfig) -> None:
     """Create <out>; refuse to mix logs from a run with other arguments unless --overwrite."""
     manifest_path = cfg.out / MANIFEST
     if cfg.overwrite:
-        for name in (GENERATIONS_LOG, JUDGED_LOG, MANIFEST, TRAIN_FILE, STATS_FILE):
+        for name in (GENERATIONS_LOG, JUDGED_LOG, MANIFEST, TRAIN_FILE, UNFINISHED_BENIGN_FILE, STATS_FILE):
             (cfg.out / name).unlink(missing_ok=True)
     if manifest_path.exists():
         import json
@@ -393,16 +445,18 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
 
     candidates = [(p, generations[sample_key(p.id, s)]) for p in prompts for s in range(n)
                   if generations[sample_key(p.id, s)]["status"] == OK]
+    to_judge = candidates + [(p, generations[sample_key(p.id, s)]) for p in prompts for s in range(n)
+                             if is_unfinished_benign_candidate(cfg, p, generations[sample_key(p.id, s)])]
     judge_timer = PhaseTimer("judging")
     judged_log = ResumableLog(cfg.out / JUDGED_LOG, key=lambda r: r["key"])
     guard_name, guard_label = cfg.guard, None
-    if any(g["key"] not in judged_log.done for _, g in candidates):
+    if any(g["key"] not in judged_log.done for _, g in to_judge):
         load_start = time.perf_counter()
         guard = guard or make_default_guard(cfg)
         judge_timer.load_s = time.perf_counter() - load_start
-        judge_missing(cfg, candidates, guard, judged_log, judge_timer)
+        judge_missing(cfg, to_judge, guard, judged_log, judge_timer)
     else:
-        judge_timer.resumed = len(candidates)
+        judge_timer.resumed = len(to_judge)
     if guard is not None:
         guard_name, guard_label = guard.name, guard.label
     else:
@@ -411,7 +465,11 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         guard_label = describe_guard(cfg.guard, cfg.guard_style)
     verdicts = {r["key"]: r for r in judged_log.rows}
 
-    rows, counts = assemble(cfg, prompts, generations, verdicts, uses_refusal_filter(guard_name))
+    refusal_filter = uses_refusal_filter(guard_name)
+    rows, counts, kept_by_prompt = assemble(cfg, prompts, generations, verdicts, refusal_filter)
+    if cfg.keep_unfinished_benign:
+        unfinished_rows, counts["unfinished_benign"] = assemble_unfinished_benign(
+            cfg, prompts, generations, verdicts, kept_by_prompt, refusal_filter)
     train_file, stats_file = cfg.out / TRAIN_FILE, cfg.out / STATS_FILE
     stats = {
         "generator": {"model": cfg.model.source, "family": cfg.model.family.name, "size": cfg.model.size,
@@ -433,6 +491,8 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         raise ThinksafeError(f"the guard kept 0 of {len(candidates)} responses; nothing to train on "
                              f"(counts in {stats_file}; try more prompts, --samples-per-prompt or --max-new-tokens)")
     atomic_write_jsonl(train_file, rows)
+    if cfg.keep_unfinished_benign:
+        atomic_write_jsonl(cfg.out / UNFINISHED_BENIGN_FILE, unfinished_rows)
     if cfg.push_to_hub:
         push_to_hub(train_file, cfg.push_to_hub)
     return SynthResult(train_file, stats_file, stats)
@@ -461,6 +521,8 @@ def summary(result: SynthResult) -> str:
         f"  generated: {s['generated']['total']}   dropped: {dropped}",
         f"  kept:      {s['kept']['total']} ({s['kept']['harmful']} harmful, {s['kept']['benign']} benign); "
         f"safe ratio harmful {ratio['harmful']}, benign {ratio['benign']}",
+        *([f"  unfinished benign (KL rows): {s['unfinished_benign']['kept']} kept of "
+           f"{s['unfinished_benign']['judged']} judged, in {UNFINISHED_BENIGN_FILE}"] if "unfinished_benign" in s else []),
         f"  generation: {gen['prompts']} prompts in {gen['wall_s']} s ({gen['prompts_per_s']} prompts/s, "
         f"{gen['tokens_per_s']} tokens/s), {gen['resumed_prompts']} resumed",
         f"  judging:    {judge['rows']} rows in {judge['wall_s']} s ({judge['rows_per_s']} rows/s, "
@@ -505,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=f"use the first {DEBUG_PROMPTS} prompts (paper)")
     p.add_argument("--samples-per-prompt", type=_positive_int, default=1, help="n samples per prompt (paper: 1)")
     p.add_argument("--max-kept-per-prompt", type=_positive_int, help="keep at most this many rows per prompt")
+    p.add_argument("--keep-unfinished-benign", action="store_true",
+                   help=f"also judge benign samples cut at the token limit; the safe ones go to {UNFINISHED_BENIGN_FILE} "
+                        "(KL rows for `thinksafe train --use-kl --kl-on-unfinished`, never CE targets)")
     p.add_argument("--steer-prefix", default=STEER_PREFIX, help="prepended to harmful prompts (default: the paper's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation and guard backend")
     p.add_argument("--device", help="transformers device (default: cuda if available, else cpu)")
@@ -533,7 +598,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     return SynthConfig(
         model=model, prompts=prompts, guard=guard, out=args.out or synthesized_data_dir(model, guard),
         sampling=sampling, guard_style=args.guard_style, limit=limit, max_kept_per_prompt=args.max_kept_per_prompt,
-        steer_prefix=args.steer_prefix, backend=args.backend, device=args.device, batch_size=args.batch_size,
+        keep_unfinished_benign=args.keep_unfinished_benign, steer_prefix=args.steer_prefix, backend=args.backend, device=args.device, batch_size=args.batch_size,
         guard_batch_size=args.guard_batch_size, chunk_size=args.chunk_size,
         instruction_column=args.instruction_column, label_column=args.label_column,
         push_to_hub=args.push_to_hub, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,

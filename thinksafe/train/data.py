@@ -4,6 +4,10 @@ Rows are what `thinksafe synthesize` writes: `instruction`, `response`, `prompt_
 Each row becomes `input_ids` + `completion_mask` (thinksafe.chat.encode_for_training: reasoning kept,
 prompt a token-exact prefix) + `kl` (1 on benign rows when the KL loss is on). TRL's SFTTrainer turns
 `completion_mask` into labels (-100 on the prompt) when `completion_only_loss` is set.
+
+Rows with `finished: false` (benign samples cut at the token limit, synthesize
+--keep-unfinished-benign) are used only as KL rows and only with --kl-on-unfinished: they carry no
+end-of-turn token, and cross-entropy on them would teach the model to stop mid-answer.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.registry import DatasetSpec, ModelSpec, is_harmful_label, resolve_dataset, synthesized_data_dir
+from thinksafe.registry import (
+    SYNTH_TRAIN_FILE,
+    SYNTH_UNFINISHED_BENIGN_FILE,
+    DatasetSpec,
+    ModelSpec,
+    is_harmful_label,
+    resolve_dataset,
+    synthesized_data_dir,
+)
 
 # Column names accepted for the prompt and its label (the published SafeChain-style sets use `label`).
 PROMPT_COLUMNS = ("instruction", "prompt")
@@ -22,7 +34,8 @@ RESPONSE_COLUMNS = ("response",)
 LABEL_COLUMNS = ("prompt_label", "label")
 SAFE_RESPONSE_LABEL = "safe"
 KL_COLUMN = "kl"
-TOKENIZED_VERSION = 1  # bump when the tokenised format changes, so old caches are not reused
+FINISHED_COLUMN = "finished"
+TOKENIZED_VERSION = 2  # bump when the tokenised format changes, so old caches are not reused
 
 
 class DatasetError(ThinksafeError, ValueError):
@@ -34,13 +47,14 @@ class TrainRow:
     prompt: str
     response: str
     harmful: bool | None  # None when the dataset has no label column (allowed without --use-kl)
+    finished: bool = True  # False: cut at the token limit (a KL row only, no end-of-turn token)
 
 
 def dataset_source(dataset: str, model: ModelSpec) -> tuple[DatasetSpec, str]:
     """(spec, where to read): `thinksafe[-<guard>]` -> data/<model>_<guard>/train.jsonl from synthesize."""
     spec = resolve_dataset(dataset, model.family)
     if spec.kind == "self":
-        path = synthesized_data_dir(model, spec.source) / "train.jsonl"
+        path = synthesized_data_dir(model, spec.source) / SYNTH_TRAIN_FILE
         if not path.exists():
             raise DatasetError(
                 f"{path} does not exist: run `thinksafe synthesize --model {model.source} --guard {spec.source}` first"
@@ -73,8 +87,25 @@ def _pick(columns, candidates: tuple[str, ...]) -> str | None:
     return next((name for name in candidates if name in columns), None)
 
 
-def to_rows(records: list[dict], name: str, need_labels: bool) -> list[TrainRow]:
-    """Validate columns, keep rows whose response is non-empty and judged safe (when labelled)."""
+def unfinished_benign_source(spec: DatasetSpec, source: str) -> str:
+    """The unfinished-benign file beside a self-generated train.jsonl (--kl-on-unfinished)."""
+    path = Path(source).with_name(SYNTH_UNFINISHED_BENIGN_FILE)
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist: --kl-on-unfinished needs `thinksafe synthesize "
+                           f"--keep-unfinished-benign` (rerunning it with the flag reuses the generations)")
+    return str(path)
+
+
+def is_finished(record: dict) -> bool:
+    value = record.get(FINISHED_COLUMN, True)
+    return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no")
+
+
+def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl: bool = False) -> list[TrainRow]:
+    """Validate columns, keep rows whose response is non-empty and judged safe (when labelled).
+
+    Unfinished rows are kept only when `unfinished_as_kl` (KL mode with --kl-on-unfinished) and benign.
+    """
     if not records:
         raise DatasetError(f"dataset {name} is empty")
     columns = set(records[0])
@@ -92,7 +123,10 @@ def to_rows(records: list[dict], name: str, need_labels: bool) -> list[TrainRow]
         if not response.strip() or (verdict is not None and str(verdict).strip().lower() != SAFE_RESPONSE_LABEL):
             continue
         harmful = is_harmful_label(record[label_col]) if label_col else None
-        rows.append(TrainRow(prompt=record[prompt_col], response=response, harmful=harmful))
+        finished = is_finished(record)
+        if not finished and not (unfinished_as_kl and harmful is False):
+            continue
+        rows.append(TrainRow(prompt=record[prompt_col], response=response, harmful=harmful, finished=finished))
     if not rows:
         raise DatasetError(f"dataset {name} has no rows left after filtering (empty or unsafe responses)")
     return rows
@@ -104,7 +138,7 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool) -> dict
 
     columns = {"input_ids": [], "completion_mask": [], KL_COLUMN: []}
     for row in rows:
-        encoded = encode_for_training(tokenizer, row.prompt, row.response, family)
+        encoded = encode_for_training(tokenizer, row.prompt, row.response, family, row.finished)
         columns["input_ids"].append(encoded["input_ids"])
         columns["completion_mask"].append(encoded["completion_mask"])
         columns[KL_COLUMN].append(int(use_kl and row.harmful is False))
@@ -125,7 +159,7 @@ def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool) -
     digest = hashlib.sha256()
     digest.update(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), family_name, use_kl]).encode())
     for row in rows:
-        digest.update(json.dumps([row.prompt, row.response, row.harmful]).encode())
+        digest.update(json.dumps([row.prompt, row.response, row.harmful, row.finished]).encode())
     return digest.hexdigest()[:24]
 
 
@@ -157,10 +191,19 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
         return datasets.load_from_disk(str(target))
 
 
-def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, cache_root: Path | None = None):
-    """Everything from the --dataset argument to a tokenised Dataset; returns (dataset, spec, n_rows)."""
+def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, cache_root: Path | None = None,
+                       kl_on_unfinished: bool = False):
+    """Everything from the --dataset argument to a tokenised Dataset; returns (dataset, spec).
+
+    With `use_kl` and `kl_on_unfinished`, a self-generated dataset also reads unfinished_benign.jsonl;
+    other datasets contribute their own `finished: false` benign rows.
+    """
     spec, source = dataset_source(dataset, model)
-    rows = to_rows(read_records(spec, source), dataset, need_labels=use_kl)
+    unfinished_as_kl = use_kl and kl_on_unfinished
+    records = read_records(spec, source)
+    if unfinished_as_kl and spec.kind == "self":
+        records += read_records(spec, unfinished_benign_source(spec, source))
+    rows = to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl)
     return build_train_dataset(rows, tokenizer, model.family, use_kl, cache_root), spec
 
 

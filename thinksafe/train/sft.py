@@ -43,6 +43,7 @@ DEFAULTS = {
     "gradient_checkpointing": True,
     "seed": 42,
     "logging_steps": 1,
+    "kl_on_unfinished": False,
 }
 
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loss on the response only (default true; `--prompt-masking false` trains everything)")
     parser.add_argument("--use-kl", type=_flag_bool("--use-kl"), nargs="?", const=True, default=False,
                         help="benign rows: forward KL(base || model) instead of cross-entropy")
+    parser.add_argument("--kl-on-unfinished", type=_flag_bool("--kl-on-unfinished"), nargs="?", const=True,
+                        default=None,
+                        help="with --use-kl: also train KL on benign samples cut at the token limit "
+                             "(unfinished_benign.jsonl from synthesize --keep-unfinished-benign); ignored without KL")
     parser.add_argument("--max-length", type=positive_int("--max-length"), default=None)
     parser.add_argument("--warmup-ratio", type=float, default=None)
     parser.add_argument("--lr-scheduler-type", default=None)
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_run_dir(paths, args.overwrite)
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
-    dataset, dataset_spec = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl)
+    dataset, dataset_spec = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
+                                               kl_on_unfinished=bool(args.kl_on_unfinished))
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": dataset_spec.kind,
-        "rows": len(dataset), "kl_rows": n_kl, "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
+        "rows": len(dataset), "kl_rows": n_kl,
+        "kl_on_unfinished": bool(cfg.use_kl and args.kl_on_unfinished), "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
         "rank": cfg.rank, "epochs": cfg.epochs, "full_finetune": args.full_finetune, "resumed_from": checkpoint,
         "effective_batch_size": args.effective_batch_size, "learning_rate": args.learning_rate,
         "processes": trainer.accelerator.num_processes,
