@@ -28,6 +28,7 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     assert flag(cmd, "--samples-per-prompt") == str(synth["samples_per_prompt"])
     assert flag(cmd, "--max-new-tokens") == str(synth["max_new_tokens"])
     assert flag(cmd, "--steer-prefix") == synth["steer_prefix"]
+    assert synth["keep_unfinished_benign"] is True and "--keep-unfinished-benign" in cmd
     assert flag(cmd, "--out") == plan["data_dir"] and Path(log).parent == Path(plan["data_dir"])
 
     monkeypatch.setattr(pipeline, "run_tasks_on_devices", lambda tasks, devices: [(t, 0) for t in tasks])
@@ -41,8 +42,15 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
 
 def test_existing_data_skips_synthesis(monkeypatch, output_root):
     monkeypatch.delenv("THINKSAFE_RECIPE", raising=False)
-    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    steps = []
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(name))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
-    Path(plan["data_file"]).parent.mkdir(parents=True)
-    Path(plan["data_file"]).write_text('{"instruction": "x"}\n')
-    pipeline.synthesize_if_needed(plan)  # no step run
+    data_file = Path(plan["data_file"])
+    data_file.parent.mkdir(parents=True)
+    data_file.write_text('{"instruction": "x"}\n')
+    # data from before the recipe asked for unfinished benign rows: synthesis reruns (it resumes from its logs)
+    pipeline.synthesize_if_needed(plan)
+    assert steps == ["synthesize"]
+    (data_file.parent / "unfinished_benign.jsonl").write_text("")
+    pipeline.synthesize_if_needed(plan)
+    assert steps == ["synthesize"]  # both files there: skipped

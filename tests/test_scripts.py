@@ -102,6 +102,21 @@ def test_demo_end_to_end_with_tiny_limits(tmp_path, demo_model):
     assert (out / "results" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "thinksafe pipeline finished" in result.stdout
 
+    # use_kl=true reuses the data; the demo recipe's sft section turns on KL over the cut benign samples
+    unfinished = [json.loads(line) for line in (data / "unfinished_benign.jsonl").read_text().splitlines()]
+    assert len(unfinished) == stats["unfinished_benign"]["kept"]
+    assert all(r["finished"] is False and "benign" in r["prompt_label"] for r in unfinished)
+    kl = run_script("train_and_eval.sh", "cpu", "demo", "", "", "true", env=env, timeout=900)
+    assert kl.returncode == 0, kl.stdout[-3000:] + kl.stderr[-3000:]
+    kl_plan = json.loads(subprocess.run(["python3", "-m", "thinksafe", "plan", "cpu", "demo", "", "", "true",
+                                         "--format", "json"], capture_output=True, text=True, check=True, cwd=ROOT,
+                                        env={**os.environ, **env}).stdout)
+    assert "exists, skipping synthesis" in kl.stdout
+    info = json.loads((Path(kl_plan["path_run_dir"]) / "run_info.json").read_text())
+    assert info["use_kl"] and info["kl_on_unfinished"]
+    assert info["kl_rows"] == stats["kept"]["benign"] + len(unfinished)
+    assert info["rows"] == stats["kept"]["total"] + len(unfinished)
+
 
 @pytest.mark.demo
 def test_failing_evaluation_task_fails_the_script_and_names_it(tmp_path, demo_model):

@@ -22,6 +22,7 @@ from pathlib import Path
 from thinksafe.errors import ThinksafeError
 from thinksafe.plan import POSITIONAL, resolve_plan
 from thinksafe.recipes import load_recipe
+from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
 
 REASONING_TASKS = ("aime24", "gpqa_diamond", "math500", "gsm8k")
 SAFETY_TASKS = ("harmbench", "strongreject", "wildjailbreak", "xstest")
@@ -141,10 +142,13 @@ def synthesize_if_needed(plan: dict) -> None:
     if plan.get("dataset_kind") != "self":
         return
     data_file = Path(plan["data_file"])
-    if data_file.exists():
+    options = recipe_section(plan["model_type"], "synthesize")
+    # Data synthesized before the recipe asked for unfinished benign rows: rerun, it reuses the logs.
+    side_file_missing = options.get("keep_unfinished_benign") and not (
+        data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
+    if data_file.exists() and not side_file_missing:
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
-    options = recipe_section(plan["model_type"], "synthesize")
     cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],
                         "--out", plan["data_dir"], *options_to_flags(options))
     run_step("synthesize", cmd, Path(plan["data_dir"]) / "synthesize.log", env=device_env(first_device(plan)))
