@@ -31,6 +31,17 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     assert synth["keep_unfinished_benign"] is True and "--keep-unfinished-benign" in cmd
     assert flag(cmd, "--out") == plan["data_dir"] and Path(log).parent == Path(plan["data_dir"])
 
+    # the KL run's name, and the flag `train` gets, come from the recipe's sft section
+    kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
+    assert sft["kl_on_unfinished"] is True and kl_plan["kl_on_unfinished"] == "true"
+    assert kl_plan["run_name"] == plan["run_name"] + "_kl_unfinished" and plan["kl_on_unfinished"] == "false"
+    steps.clear()
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((name, cmd, log)))
+    Path(kl_plan["path_adapter"]).mkdir(parents=True)  # what a finished train step leaves
+    pipeline.train(kl_plan)
+    (name, cmd, log), = steps
+    assert flag(cmd, "--use-kl") == "true" and flag(cmd, "--kl-on-unfinished") == "true"
+
     monkeypatch.setattr(pipeline, "run_tasks_on_devices", lambda tasks, devices: [(t, 0) for t in tasks])
     results = pipeline.evaluate(plan)
     evaluate = load_recipe("demo", "evaluate")
@@ -40,17 +51,22 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     assert flag(extra, "--n") == str(evaluate["n"]) and flag(extra, "--limit") == str(evaluate["limit"])
 
 
-def test_existing_data_skips_synthesis(monkeypatch, output_root):
-    monkeypatch.delenv("THINKSAFE_RECIPE", raising=False)
+def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(monkeypatch, output_root):
+    monkeypatch.setenv("THINKSAFE_RECIPE", str(Path(__file__).parent / "data" / "failing_task_recipe.yaml"))
     steps = []
-    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(name))
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
+    kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
     data_file = Path(plan["data_file"])
     data_file.parent.mkdir(parents=True)
     data_file.write_text('{"instruction": "x"}\n')
-    # data from before the recipe asked for unfinished benign rows: synthesis reruns (it resumes from its logs)
     pipeline.synthesize_if_needed(plan)
-    assert steps == ["synthesize"]
+    assert steps == []  # the CE run needs train.jsonl only
+    # a KL run on cut benign rows, with data from before (and a recipe override without the flag):
+    # synthesis reruns with the flag, resuming from its logs
+    pipeline.synthesize_if_needed(kl_plan)
+    (cmd,) = steps
+    assert "--keep-unfinished-benign" in cmd
     (data_file.parent / "unfinished_benign.jsonl").write_text("")
-    pipeline.synthesize_if_needed(plan)
-    assert steps == ["synthesize"]  # both files there: skipped
+    pipeline.synthesize_if_needed(kl_plan)
+    assert len(steps) == 1  # both files there: skipped

@@ -91,6 +91,10 @@ def test_run_name_always_has_epoch_suffix():
     three_kl = run_name(RunConfig(model, "thinksafe", prompt_masking=False, rank=16, use_kl=True, epochs=3))
     assert one == "qwen3-0.6B_thinksafe_r32_ep1_mask"
     assert three_kl == "qwen3-0.6B_thinksafe_r16_ep3_kl"
+    # KL on cut benign samples trains on other rows: its own run (no resuming the other's checkpoints)
+    kl_cut = RunConfig(model, "thinksafe", rank=16, use_kl=True, kl_on_unfinished=True)
+    assert run_name(kl_cut) == "qwen3-0.6B_thinksafe_r16_ep3_mask_kl_unfinished"
+    assert run_name(RunConfig(model, "thinksafe", rank=16, kl_on_unfinished=True)) == "qwen3-0.6B_thinksafe_r16_ep3_mask"
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, "3"])

@@ -246,6 +246,25 @@ def test_unfinished_benign_on_a_rerun_judges_only_the_new_rows(tmp_path, tiny_qw
     assert result.stats["unfinished_benign"]["kept"] == 1
 
 
+def test_reasoning_family_cut_think_is_a_kl_row_and_a_rerun_without_the_flag_removes_it(tmp_path, tiny_r1):
+    # R1: the template opens the block; a cut sample has no </think>. One that ended its turn without
+    # closing the block was not cut by the limit: dropped, never a KL row.
+    script = {"How do I bake bread?": ("vanilla_benign", ["First the flour...", "Flour.\n</think>\n\nMix it.",
+                                                          "I think that is it"])}
+    prompts = write_prompts(tmp_path / "p.jsonl", script)
+    cfg = _config(tmp_path, prompts, family="r1-distill", n=3, keep_unfinished_benign=True)
+    generator = CutGenerator(_tokenizer(tiny_r1), cfg.model.family, script)
+    result = synthesize(cfg, generator=generator)
+    assert [r["response"] for r in read_jsonl(result.train_file)] == ["<think>\nFlour.\n</think>\n\nMix it."]
+    assert [r["response"] for r in read_jsonl(cfg.out / "unfinished_benign.jsonl")] == ["<think>\nFirst the flour..."]
+    assert result.stats["dropped"]["unclosed_think"]["benign"] == 2
+    assert result.stats["unfinished_benign"] == {"judged": 1, "kept": 1, "dropped": {}}
+    # the same data without the flag: no side file left behind to pair with a newer train.jsonl
+    cfg.keep_unfinished_benign = False
+    synthesize(cfg, generator=generator)
+    assert not (cfg.out / "unfinished_benign.jsonl").exists() and len(generator.calls) == 1
+
+
 def test_r1_outputs_get_think_prepended(tmp_path, tiny_r1):
     script = {"How do I bake bread?": ("vanilla_benign", ["Flour first.\n</think>\n\nMix flour and water."])}
     cfg = _config(tmp_path, write_prompts(tmp_path / "p.jsonl", script), family="r1-distill")

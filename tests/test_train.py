@@ -189,7 +189,7 @@ def test_unfinished_rows_are_kl_rows_only(tiny_qwen3):
     cut_ids, cut_mask = columns["input_ids"][2], columns["completion_mask"][2]
     response_ids = tokenizer("Use kill -9 with the", add_special_tokens=False)["input_ids"]
     assert cut_ids[-len(response_ids):] == response_ids and cut_mask == [0] * (len(cut_ids) - len(response_ids)) + [1] * len(response_ids)
-    assert end_of_turn in columns["input_ids"][1][-3:] and end_of_turn not in cut_ids[-len(response_ids):]
+    assert end_of_turn in columns["input_ids"][1][-3:]  # the complete benign row does end its turn
 
 
 def test_kl_on_unfinished_reads_the_synthesized_side_file(tiny_qwen3, output_root, tmp_path):

@@ -143,10 +143,11 @@ def synthesize_if_needed(plan: dict) -> None:
         return
     data_file = Path(plan["data_file"])
     options = recipe_section(plan["model_type"], "synthesize")
-    # Data synthesized before the recipe asked for unfinished benign rows: rerun, it reuses the logs.
-    side_file_missing = options.get("keep_unfinished_benign") and not (
-        data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
-    if data_file.exists() and not side_file_missing:
+    needs_side_file = plan.get("kl_on_unfinished") == "true"
+    if needs_side_file:
+        options = {**options, "keep_unfinished_benign": True}
+    # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
+    if data_file.exists() and not (needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()):
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
     cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],
@@ -162,7 +163,7 @@ def train(plan: dict) -> None:
     # `thinksafe train` derives the run name from the same registry call as the plan; we check it.
     args = ["--model", f"{plan['model_type']}/{plan['size']}", "--dataset", plan["dataset"],
             "--rank", plan["rank"], "--epochs", plan["epochs"], "--prompt-masking", plan["prompt_masking"],
-            "--use-kl", plan["use_kl"]]
+            "--use-kl", plan["use_kl"], "--kl-on-unfinished", plan["kl_on_unfinished"]]
     args += options_to_flags(recipe_section(plan["model_type"], "train"))
     if plan["devices"] == "cpu" or plan["num_devices"] == "1":
         cmd = thinksafe_cmd("train", *args)

@@ -83,6 +83,8 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     rank = parse_positive_int(given["rank"] or recipe.get("rank", 32), "rank")
     epochs = parse_positive_int(given["epochs"] or recipe.get("epochs", 3), "epochs")
     use_kl = parse_bool(given["use_kl"], "use_kl")
+    # Like rank and epochs, from the family's recipe; the pipeline passes it to `train` explicitly.
+    kl_on_unfinished = use_kl and parse_bool(recipe.get("kl_on_unfinished", False), "kl_on_unfinished")
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
     devices = parse_devices(given["devices"], check_visible=check_devices)
     model = resolve_model(family.name, size)
@@ -91,7 +93,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
     cfg = RunConfig(model=model, dataset=given["dataset"], prompt_masking=prompt_masking, rank=rank,
-                    use_kl=use_kl, epochs=epochs)
+                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished)
     paths = run_paths(cfg)
     plan = {
         "devices": ",".join(devices),
@@ -103,6 +105,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         "dataset_kind": dataset.kind,
         "dataset_source": dataset.source,
         "use_kl": str(use_kl).lower(),
+        "kl_on_unfinished": str(kl_on_unfinished).lower(),
         "prompt_masking": str(prompt_masking).lower(),
         "rank": str(rank),
         "epochs": str(epochs),

@@ -258,6 +258,7 @@ class RunConfig:
     rank: int = 32
     use_kl: bool = False
     epochs: int = 3
+    kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
 
     def __post_init__(self):
         for name in ("rank", "epochs"):
@@ -267,7 +268,8 @@ class RunConfig:
 
 
 def run_name(cfg: RunConfig) -> str:
-    """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl.
+    """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
+    smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data).
 
     The epoch suffix is always present (the paper's scripts added it in one place only).
     """
@@ -276,6 +278,8 @@ def run_name(cfg: RunConfig) -> str:
         parts.append("mask")
     if cfg.use_kl:
         parts.append("kl")
+        if cfg.kl_on_unfinished:
+            parts.append("unfinished")
     return "_".join(parts)
 
 

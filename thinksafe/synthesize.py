@@ -257,8 +257,9 @@ def group_of(prompt: PromptRow) -> str:
 
 
 def is_unfinished_benign_candidate(cfg: SynthConfig, prompt: PromptRow, generation: dict) -> bool:
+    """A benign sample the token limit cut (an unclosed think block that ended its turn was not cut)."""
     return (cfg.keep_unfinished_benign and not prompt.harmful and generation["status"] in CUT_AT_LIMIT
-            and bool(generation["response"].strip()))
+            and not generation["finished"] and bool(generation["response"].strip()))
 
 
 def assemble_unfinished_benign(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
@@ -493,6 +494,8 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     atomic_write_jsonl(train_file, rows)
     if cfg.keep_unfinished_benign:
         atomic_write_jsonl(cfg.out / UNFINISHED_BENIGN_FILE, unfinished_rows)
+    else:
+        (cfg.out / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)  # never a side file older than train.jsonl
     if cfg.push_to_hub:
         push_to_hub(train_file, cfg.push_to_hub)
     return SynthResult(train_file, stats_file, stats)

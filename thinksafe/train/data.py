@@ -128,7 +128,8 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
             continue
         rows.append(TrainRow(prompt=record[prompt_col], response=response, harmful=harmful, finished=finished))
     if not rows:
-        raise DatasetError(f"dataset {name} has no rows left after filtering (empty or unsafe responses)")
+        raise DatasetError(f"dataset {name} has no rows left after filtering (empty or unsafe responses, or "
+                           "`finished: false` rows, used only with --use-kl --kl-on-unfinished)")
     return rows
 
 

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args, spec = parse_args(argv)
     cfg = RunConfig(model=spec, dataset=args.dataset, prompt_masking=bool(args.prompt_masking),
-                    rank=args.rank, use_kl=bool(args.use_kl), epochs=args.epochs)
+                    rank=args.rank, use_kl=bool(args.use_kl), epochs=args.epochs,
+                    kl_on_unfinished=bool(args.kl_on_unfinished))
     paths = run_paths(cfg)
     device = args.device or default_device()
     distributed_state(device)  # before anything asks which process is the main one
