@@ -6,7 +6,7 @@ data) — with the demo recipe's seeds set to that seed (synthesis sampling, tra
 sampling). Then prints per-seed numbers and mean ± spread (min..max) of:
 refusal on held-out harmful prompts, over-refusal on XSTest safe prompts.
 
-    python bench/demo_effect.py --seeds 1 2 3 --out bench/results/demo_effect   (~13 min per seed here)
+    python bench/demo_effect.py --seeds 1 2 3 --out bench/results/demo_effect   (~19 min per seed here)
 """
 
 from __future__ import annotations
