@@ -147,7 +147,8 @@ def synthesize_if_needed(plan: dict) -> None:
     if needs_side_file:
         options = {**options, "keep_unfinished_benign": True}
     # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
-    if data_file.exists() and not (needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()):
+    side_file_missing = needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
+    if data_file.exists() and not side_file_missing:
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
     cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],

@@ -262,47 +262,50 @@ def is_unfinished_benign_candidate(cfg: SynthConfig, prompt: PromptRow, generati
             and not generation["finished"] and bool(generation["response"].strip()))
 
 
-def assemble_unfinished_benign(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
-                               verdicts: dict[str, dict], kept_complete: Counter,
-                               refusal_filter: bool) -> tuple[list[dict], dict]:
-    """Safe benign samples cut at the token limit, filling each prompt's cap after its complete rows."""
-    counts: Counter = Counter()
+def at_cap(cfg: SynthConfig, kept_here: int) -> bool:
+    return cfg.max_kept_per_prompt is not None and kept_here >= cfg.max_kept_per_prompt
+
+
+def training_row(prompt: PromptRow, response: str, **extra) -> dict:
+    return {"instruction": prompt.instruction, "response": response, "prompt_label": prompt.label,
+            "response_label": RESPONSE_LABEL, **extra}
+
+
+def unfinished_benign_rows(cfg: SynthConfig, prompt: PromptRow, generations: dict[str, dict],
+                           verdicts: dict[str, dict], kept_here: int, refusal_filter: bool,
+                           counts: Counter) -> list[dict]:
+    """One prompt's safe benign samples cut at the token limit, filling its cap after its complete rows."""
     rows = []
-    for prompt in prompts:
-        if prompt.harmful:
+    for sample in range(cfg.sampling.n):
+        gen = generations[sample_key(prompt.id, sample)]
+        if not is_unfinished_benign_candidate(cfg, prompt, gen):
             continue
-        kept_here = kept_complete[prompt.id]
-        for sample in range(cfg.sampling.n):
-            gen = generations[sample_key(prompt.id, sample)]
-            if not is_unfinished_benign_candidate(cfg, prompt, gen):
-                continue
-            counts["judged"] += 1
-            reason = drop_reason(verdicts[gen["key"]], False, refusal_filter)
-            if reason is not None:
-                counts[reason] += 1
-                continue
-            if cfg.max_kept_per_prompt is not None and kept_here >= cfg.max_kept_per_prompt:
-                counts[OVER_CAP] += 1
-                continue
-            kept_here += 1
-            counts["kept"] += 1
-            rows.append({"instruction": prompt.instruction, "response": gen["response"],
-                         "prompt_label": prompt.label, "response_label": RESPONSE_LABEL, "finished": False})
-    return rows, {"judged": counts["judged"], "kept": counts["kept"],
-                  "dropped": {k: v for k, v in sorted(counts.items()) if k not in ("judged", "kept")}}
+        counts["judged"] += 1
+        reason = drop_reason(verdicts[gen["key"]], False, refusal_filter)
+        if reason is not None:
+            counts[reason] += 1
+            continue
+        if at_cap(cfg, kept_here):
+            counts[OVER_CAP] += 1
+            continue
+        kept_here += 1
+        counts["kept"] += 1
+        rows.append(training_row(prompt, gen["response"], finished=False))
+    return rows
 
 
 def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
-             verdicts: dict[str, dict], refusal_filter: bool) -> tuple[list[dict], dict]:
-    """Rows to keep (prompt order, then sample order) and the counts for stats.json."""
+             verdicts: dict[str, dict], refusal_filter: bool) -> tuple[list[dict], list[dict], dict]:
+    """Rows to keep (prompt order, then sample order), the unfinished benign rows
+    (--keep-unfinished-benign) and the counts for stats.json."""
     n = cfg.sampling.n
     drops: dict[str, Counter] = defaultdict(Counter)
     generated, judged, guard_kept, truncated = Counter(), Counter(), Counter(), Counter()
     judged_by_label, guard_kept_by_label = Counter(), Counter()
     kept, kept_by_label = Counter(), Counter()
     kept_per_prompt: dict[str, Counter] = {g: Counter() for g in GROUPS}
-    kept_by_prompt: Counter = Counter()
-    rows = []
+    unfinished: Counter = Counter()
+    rows, unfinished_rows = [], []
     for prompt in prompts:
         group = group_of(prompt)
         kept_here = 0
@@ -322,16 +325,16 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
                 continue
             guard_kept[group] += 1
             guard_kept_by_label[prompt.label] += 1
-            if cfg.max_kept_per_prompt is not None and kept_here >= cfg.max_kept_per_prompt:
+            if at_cap(cfg, kept_here):
                 drops[OVER_CAP][group] += 1
                 continue
             kept_here += 1
             kept[group] += 1
             kept_by_label[prompt.label] += 1
-            rows.append({"instruction": prompt.instruction, "response": gen["response"],
-                         "prompt_label": prompt.label, "response_label": RESPONSE_LABEL})
+            rows.append(training_row(prompt, gen["response"]))
         kept_per_prompt[group][kept_here] += 1
-        kept_by_prompt[prompt.id] = kept_here
+        unfinished_rows += unfinished_benign_rows(cfg, prompt, generations, verdicts, kept_here, refusal_filter,
+                                                  unfinished)
 
     def by_group(counter: Counter) -> dict:
         return {**{g: counter[g] for g in GROUPS}, "total": sum(counter[g] for g in GROUPS)}
@@ -360,7 +363,12 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
             "prompts_with_a_kept_row": {g: sum(v for k, v in kept_per_prompt[g].items() if k > 0) for g in GROUPS},
         },
     }
-    return rows, counts, kept_by_prompt
+    if cfg.keep_unfinished_benign:
+        counts["unfinished_benign"] = {
+            "judged": unfinished["judged"], "kept": unfinished["kept"],
+            "dropped": {k: v for k, v in sorted(unfinished.items()) if k not in ("judged", "kept")},
+        }
+    return rows, unfinished_rows, counts
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -405,8 +413,6 @@ def make_default_guard(cfg: SynthConfig):
                       batch_size=cfg.guard_batch_size, trust_remote_code=cfg.trust_remote_code)
 
 
-
-
 @dataclass
 class SynthResult:
     train_file: Path
@@ -444,10 +450,9 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         gen_timer.resumed = len(prompts)
     generations = {r["key"]: r for r in gen_log.rows}
 
-    candidates = [(p, generations[sample_key(p.id, s)]) for p in prompts for s in range(n)
-                  if generations[sample_key(p.id, s)]["status"] == OK]
-    to_judge = candidates + [(p, generations[sample_key(p.id, s)]) for p in prompts for s in range(n)
-                             if is_unfinished_benign_candidate(cfg, p, generations[sample_key(p.id, s)])]
+    samples = [(p, generations[sample_key(p.id, s)]) for p in prompts for s in range(n)]
+    candidates = [(p, g) for p, g in samples if g["status"] == OK]
+    to_judge = candidates + [(p, g) for p, g in samples if is_unfinished_benign_candidate(cfg, p, g)]
     judge_timer = PhaseTimer("judging")
     judged_log = ResumableLog(cfg.out / JUDGED_LOG, key=lambda r: r["key"])
     guard_name, guard_label = cfg.guard, None
@@ -466,11 +471,7 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         guard_label = describe_guard(cfg.guard, cfg.guard_style)
     verdicts = {r["key"]: r for r in judged_log.rows}
 
-    refusal_filter = uses_refusal_filter(guard_name)
-    rows, counts, kept_by_prompt = assemble(cfg, prompts, generations, verdicts, refusal_filter)
-    if cfg.keep_unfinished_benign:
-        unfinished_rows, counts["unfinished_benign"] = assemble_unfinished_benign(
-            cfg, prompts, generations, verdicts, kept_by_prompt, refusal_filter)
+    rows, unfinished_rows, counts = assemble(cfg, prompts, generations, verdicts, uses_refusal_filter(guard_name))
     train_file, stats_file = cfg.out / TRAIN_FILE, cfg.out / STATS_FILE
     stats = {
         "generator": {"model": cfg.model.source, "family": cfg.model.family.name, "size": cfg.model.size,
@@ -601,7 +602,8 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     return SynthConfig(
         model=model, prompts=prompts, guard=guard, out=args.out or synthesized_data_dir(model, guard),
         sampling=sampling, guard_style=args.guard_style, limit=limit, max_kept_per_prompt=args.max_kept_per_prompt,
-        keep_unfinished_benign=args.keep_unfinished_benign, steer_prefix=args.steer_prefix, backend=args.backend, device=args.device, batch_size=args.batch_size,
+        keep_unfinished_benign=args.keep_unfinished_benign, steer_prefix=args.steer_prefix, backend=args.backend,
+        device=args.device, batch_size=args.batch_size,
         guard_batch_size=args.guard_batch_size, chunk_size=args.chunk_size,
         instruction_column=args.instruction_column, label_column=args.label_column,
         push_to_hub=args.push_to_hub, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,

@@ -442,8 +442,6 @@ def _load_guard(name: str, args):
     return load_guard(name, device=args.device, backend=args.backend, **vllm_kwargs)
 
 
-
-
 def log_to_wandb(model: EvalModel, results: list[dict], report_to: str) -> None:
     if not results:
         return

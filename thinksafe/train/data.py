@@ -87,7 +87,7 @@ def _pick(columns, candidates: tuple[str, ...]) -> str | None:
     return next((name for name in candidates if name in columns), None)
 
 
-def unfinished_benign_source(spec: DatasetSpec, source: str) -> str:
+def unfinished_benign_source(source: str) -> str:
     """The unfinished-benign file beside a self-generated train.jsonl (--kl-on-unfinished)."""
     path = Path(source).with_name(SYNTH_UNFINISHED_BENIGN_FILE)
     if not path.exists():
@@ -203,7 +203,7 @@ def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, 
     unfinished_as_kl = use_kl and kl_on_unfinished
     records = read_records(spec, source)
     if unfinished_as_kl and spec.kind == "self":
-        records += read_records(spec, unfinished_benign_source(spec, source))
+        records += read_records(spec, unfinished_benign_source(source))
     rows = to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl)
     return build_train_dataset(rows, tokenizer, model.family, use_kl, cache_root), spec
 

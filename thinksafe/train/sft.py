@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args, spec = parse_args(argv)
     cfg = RunConfig(model=spec, dataset=args.dataset, prompt_masking=bool(args.prompt_masking),
                     rank=args.rank, use_kl=bool(args.use_kl), epochs=args.epochs,
-                    kl_on_unfinished=bool(args.kl_on_unfinished))
+                    kl_on_unfinished=bool(args.use_kl and args.kl_on_unfinished))
     paths = run_paths(cfg)
     device = args.device or default_device()
     distributed_state(device)  # before anything asks which process is the main one
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
     dataset, dataset_spec = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
-                                               kl_on_unfinished=bool(args.kl_on_unfinished))
+                                               kl_on_unfinished=cfg.kl_on_unfinished)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": dataset_spec.kind,
-        "rows": len(dataset), "kl_rows": n_kl,
-        "kl_on_unfinished": bool(cfg.use_kl and args.kl_on_unfinished), "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
+        "rows": len(dataset), "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
         "rank": cfg.rank, "epochs": cfg.epochs, "full_finetune": args.full_finetune, "resumed_from": checkpoint,
         "effective_batch_size": args.effective_batch_size, "learning_rate": args.learning_rate,
         "processes": trainer.accelerator.num_processes,
