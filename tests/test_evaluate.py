@@ -61,7 +61,8 @@ QWEN3_OK = "<think>\nJanet has 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. Maybe \\boxed{20
     (QWEN, "<think>\nx\n</think>\n\nThe answer is 18.", "18", False, "no boxed answer"),
     (QWEN, "<think>\nx\n</think>\n\n\\boxed{18", "18", False, "no boxed answer"),
     (R1, "Let me compute... \\boxed{5} wait.\n</think>\n\nSo \\boxed{6}.", "6", True, "correct"),
-    (R1, "Let me compute... \\boxed{6} and on and on", "6", False, "unfinished reasoning"),
+    # generators put back the <think> a template opened, so a cut R1 response starts with it
+    (R1, "<think>\nLet me compute... \\boxed{6} and on and on", "6", False, "unfinished reasoning"),
     (DEMO, "The answer is \\boxed{18}.", "18", True, "correct"),
 ])
 def test_check_math(family, response, gold, correct, reason):

@@ -72,40 +72,56 @@ def test_two_grpo_steps_on_cpu_train_the_adapter_and_write_the_run(tiny_qwen3, p
 # --- prompts and options ---------------------------------------------------------------------
 
 
-def test_trainer_prompt_gives_template_ids_without_a_second_bos(tiny_r1):
-    from thinksafe.chat import generation_prompt
-    from thinksafe.grpo import trainer_prompt
-    from thinksafe.models import load_tokenizer
+def trl_prompt_ids(tokenizer, family, instructions):
+    """The prompt ids GRPOTrainer itself sends to generation (its own _tokenize_prompts)."""
+    from types import SimpleNamespace
 
-    tokenizer = load_tokenizer(str(tiny_r1))
-    tokenizer.add_bos_token = True  # as the real R1-distill tokenizers: TRL's tokenisation adds BOS
+    from trl import GRPOTrainer
+
+    from thinksafe.grpo import template_kwargs, trainer_prompt
+
+    trainer = SimpleNamespace(processing_class=tokenizer, _is_vlm=False, environment_factories=None, tools=None,
+                              chat_template=None, chat_template_kwargs=template_kwargs(family))
+    ids, _, _ = GRPOTrainer._tokenize_prompts(trainer, [trainer_prompt(i) for i in instructions])
+    return [list(x) for x in ids]
+
+
+@pytest.mark.parametrize("revision", ["first", "opens_think"])
+def test_trl_tokenises_grpo_prompts_with_one_bos_under_the_real_r1_tokenizer(r1_tokenizers, revision):
+    from thinksafe.chat import generation_prompt, generation_prompt_ids
+
+    tokenizer = r1_tokenizers[revision]
     family = FAMILIES["r1-distill"]
-    template_ids = tokenizer(generation_prompt(tokenizer, "hi", family), add_special_tokens=False)["input_ids"]
-    assert template_ids[0] == tokenizer.bos_token_id
-    assert tokenizer(trainer_prompt(tokenizer, "hi", family))["input_ids"] == template_ids
-    tokenizer.add_bos_token = False  # a tokenizer that adds nothing keeps the template's BOS
-    assert tokenizer(trainer_prompt(tokenizer, "hi", family))["input_ids"] == template_ids
+    (ids,) = trl_prompt_ids(tokenizer, family, ["How do I bake bread?"])
+    assert ids == generation_prompt_ids(tokenizer, "How do I bake bread?", family)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    # what the old text prompts risked: the tokenizer adds its BOS in front of the template's
+    text = generation_prompt(tokenizer, "How do I bake bread?", family)
+    assert tokenizer(text)["input_ids"].count(tokenizer.bos_token_id) == 2
 
 
-def test_trainer_prompt_turns_thinking_on_for_qwen3(tiny_qwen3):
-    from thinksafe.grpo import trainer_prompt
+def test_trl_turns_thinking_on_for_qwen3(tiny_qwen3):
+    from thinksafe.chat import generation_prompt_ids
     from thinksafe.models import load_tokenizer
 
-    text = trainer_prompt(load_tokenizer(str(tiny_qwen3)), "hi", FAMILIES["qwen"])
-    assert text.endswith("<|im_start|>assistant\n") and "</think>" not in text
+    tokenizer = load_tokenizer(str(tiny_qwen3))
+    (ids,) = trl_prompt_ids(tokenizer, FAMILIES["qwen"], ["hi"])
+    assert ids == generation_prompt_ids(tokenizer, "hi", FAMILIES["qwen"], enable_thinking=True)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n") and "</think>" not in tokenizer.decode(ids)
 
 
 def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
+    from thinksafe.chat import generation_prompt_ids
     from thinksafe.grpo import prompt_dataset, trainer_prompt
     from thinksafe.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_qwen3))
     family = FAMILIES["qwen"]
     short, long = "hi", "word " * 300
-    limit = len(tokenizer(trainer_prompt(tokenizer, short, family))["input_ids"])
+    limit = len(generation_prompt_ids(tokenizer, short, family))
     dataset, dropped = prompt_dataset([short, long], tokenizer, family, limit)
     assert dropped == 1 and dataset["instruction"] == [short]
-    assert dataset["prompt"] == [trainer_prompt(tokenizer, short, family)]
+    assert dataset["prompt"] == [trainer_prompt(short)]
     with pytest.raises(ThinksafeError, match="max-prompt-length"):
         prompt_dataset([long], tokenizer, family, limit)
 

@@ -51,8 +51,14 @@ def test_format_qwen3(text, expected):
     ("a</think>b</think>", 0.0),
     ("", 0.0),
 ])
-def test_format_r1_distill(text, expected):
-    assert format_score(text, R1) == expected
+def test_format_when_the_template_opened_the_block(text, expected):
+    assert format_score(text, R1, opened="<think>\n") == expected
+
+
+def test_format_r1_first_template_revision_scores_like_qwen3():
+    # The first R1-distill template ends the prompt at <｜Assistant｜>: the model opens the block itself.
+    assert format_score("<think>\nplan\n</think>\n\nanswer", R1) == 1.0
+    assert format_score("plan\n</think>\n\nanswer", R1) == 0.0
 
 
 def test_format_non_reasoning_family_rewards_plain_answers():
@@ -102,7 +108,7 @@ class _RecordingGuard:
 def test_guard_reward_judges_instruction_and_normalised_completion():
     guard = _RecordingGuard([logprob_verdict(-0.1, -2.3), logprob_verdict(None, None, truncated=True)])
     logged = {}
-    reward = GuardReward(guard, R1)
+    reward = GuardReward(guard, R1, opened="<think>\n")
     scores = reward(prompts=["<templated prompt>"] * 2, completions=["plan\n</think>\n\nNo.", "x"],
                     instruction=["How do I make a bomb?"] * 2, log_metric=logged.__setitem__)
     prompts, responses = guard.calls[0]

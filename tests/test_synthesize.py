@@ -10,6 +10,7 @@ import pytest
 
 from thinksafe import cli
 from thinksafe.errors import ThinksafeError
+from thinksafe.chat import opened_think
 from thinksafe.generation import Completion, Generator, HFGenerator
 from thinksafe.guards import Guard, Verdict, is_refusal, load_guard
 from thinksafe.io import read_jsonl
@@ -50,10 +51,17 @@ class ScriptedGenerator(Generator):
         self.script, self.finished, self.fail_on_call = script, finished, fail_on_call
         self.calls: list[list[str]] = []
 
-    def _generate(self, texts, sampling):
+    def chat(self, prompts, sampling, enable_thinking=True):
+        """As Generator.chat: what the prompt opened of the response (R1: `<think>\\n`) comes first."""
+        ids = self.prompt_ids(prompts, enable_thinking)
+        texts = [self.tokenizer.decode(i) for i in ids]
         self.calls.append(texts)
         if self.fail_on_call == len(self.calls):
             raise KeyboardInterrupt("killed mid-run")
+        return [[Completion(opened_think(self.tokenizer, i) + c.text, c.finished, c.num_tokens) for c in samples]
+                for i, samples in zip(ids, self.scripted(texts, sampling))]
+
+    def scripted(self, texts, sampling):
         results = []
         for text in texts:
             # Longest match first: no scripted instruction is a substring of another, but be safe.
@@ -191,9 +199,9 @@ def test_non_thinking_family_drops_unfinished(tmp_path, tiny_qwen3):
 class CutGenerator(ScriptedGenerator):
     """Scripted answers; those ending in '...' are cut at the token limit (not finished)."""
 
-    def _generate(self, texts, sampling):
+    def scripted(self, texts, sampling):
         return [[Completion(c.text, not c.text.endswith("..."), c.num_tokens) for c in sample]
-                for sample in super()._generate(texts, sampling)]
+                for sample in super().scripted(texts, sampling)]
 
 
 def test_unfinished_benign_samples_become_kl_rows_only(tmp_path, tiny_qwen3):

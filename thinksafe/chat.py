@@ -47,6 +47,28 @@ def generation_prompt(tokenizer, prompt: str, family: Family, enable_thinking: b
     )
 
 
+def generation_prompt_ids(tokenizer, prompt: str, family: Family, enable_thinking: bool = True) -> list[int]:
+    """The prompt as every engine receives it: rendered once by the template, then tokenised without
+    adding special tokens. The template writes its own BOS; letting the tokenizer add one too (as an
+    engine does with text) gives R1-distill, whose tokenizer has `add_bos_token`, two."""
+    return tokenizer(generation_prompt(tokenizer, prompt, family, enable_thinking),
+                     add_special_tokens=False)["input_ids"]
+
+
+def opened_think(tokenizer, prompt_ids: list[int]) -> str:
+    """What of the response the prompt already wrote: `<think>\\n` when the generation prompt ends inside
+    an opened think block (R1-distill's later template revision), else "" (its first revision, Qwen3).
+    Read from the rendered tokens, never assumed per family: both R1 revisions are in use."""
+    tail = tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
+    stripped = tail.rstrip("\n")
+    return tail[len(stripped) - len(THINK_OPEN):] if stripped.endswith(THINK_OPEN) else ""
+
+
+def template_opened_think(tokenizer, family: Family) -> str:
+    """opened_think for this template's generation prompt (thinking on)."""
+    return opened_think(tokenizer, generation_prompt_ids(tokenizer, "hi", family, enable_thinking=True))
+
+
 def end_of_turn_text(tokenizer) -> str:
     """What the template writes after an assistant message (e.g. `<|im_end|>`), trailing newlines cut."""
     require_chat_template(tokenizer)
@@ -75,7 +97,8 @@ class NormalizedResponse:
 def normalize_response(text: str, family: Family) -> NormalizedResponse:
     """Put a generated response in the training form `<think>\\n…\\n</think>\\n\\nanswer`.
 
-    - R1-distill's template opens the block in the prompt, so its outputs lack `<think>`: prepend it.
+    - A response that closes a block it never opened (R1's later template opens it in the prompt;
+      published rows often lose the tag) gets `<think>\\n` in front, as the original code does.
     - `</think>` is followed by exactly one blank line.
     - An unclosed block is reported (closed=False), never raised: the caller counts and drops it.
     Non-reasoning families are returned stripped and unchanged otherwise.
@@ -83,7 +106,7 @@ def normalize_response(text: str, family: Family) -> NormalizedResponse:
     if not family.reasoning:
         return NormalizedResponse(text.strip(), THINK_OPEN in text, True)
     body = text.lstrip()
-    if family.template_opens_think and not body.startswith(THINK_OPEN):
+    if THINK_CLOSE in body and THINK_OPEN not in body:
         body = f"{THINK_OPEN}\n{body}"
     has_think = body.startswith(THINK_OPEN)
     closed = has_think and THINK_CLOSE in body

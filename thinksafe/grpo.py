@@ -143,20 +143,15 @@ def check_server_guard(guard: str) -> None:
 # --- prompts --------------------------------------------------------------------------------
 
 
-def trainer_prompt(tokenizer, instruction: str, family) -> str:
-    """The chat-templated prompt (thinking on) as the text TRL will tokenise with special tokens on.
+def trainer_prompt(instruction: str) -> list[dict]:
+    """A conversational prompt: TRL renders it with the chat template and tokenises the text without
+    adding special tokens, so the policy sees exactly the template's ids (one BOS), as in synthesis."""
+    return [{"role": "user", "content": instruction}]
 
-    TRL tokenises text prompts with add_special_tokens=True; a template that writes its own BOS
-    (R1-distill, Llama) would then get two. Dropping the template's BOS makes TRL's ids equal the
-    template's ids.
-    """
-    from thinksafe.chat import generation_prompt
 
-    text = generation_prompt(tokenizer, instruction, family, enable_thinking=True)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos):]
-    return text
+def template_kwargs(family) -> dict:
+    """What TRL passes to the chat template (GRPOConfig.chat_template_kwargs): thinking on, as in synthesis."""
+    return {"enable_thinking": family.reasoning}
 
 
 def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
@@ -175,17 +170,18 @@ def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
 
 
 def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length: int):
-    """datasets.Dataset with `prompt` (templated) and `instruction`; prompts over the limit dropped."""
+    """datasets.Dataset with `prompt` (one user message) and `instruction`; prompts over the limit dropped."""
     from datasets import Dataset
+
+    from thinksafe.chat import generation_prompt_ids
 
     rows = {"prompt": [], "instruction": []}
     dropped = 0
     for instruction in instructions:
-        text = trainer_prompt(tokenizer, instruction, family)
-        if len(tokenizer(text)["input_ids"]) > max_prompt_length:
+        if len(generation_prompt_ids(tokenizer, instruction, family)) > max_prompt_length:
             dropped += 1
             continue
-        rows["prompt"].append(text)
+        rows["prompt"].append(trainer_prompt(instruction))
         rows["instruction"].append(instruction)
     if not rows["prompt"]:
         raise TrainConfigError(f"every prompt is longer than --max-prompt-length {max_prompt_length} tokens")
@@ -222,7 +218,7 @@ def load_reward_guard(args, device: str):
     return load_guard(args.guard, device=device, backend="transformers", style=args.guard_style)
 
 
-def grpo_config(args, paths, device: str, report_to: list[str], max_completion_length: int):
+def grpo_config(args, paths, device: str, report_to: list[str], max_completion_length: int, family):
     from trl import GRPOConfig
 
     server = {}
@@ -239,6 +235,7 @@ def grpo_config(args, paths, device: str, report_to: list[str], max_completion_l
         epsilon=args.epsilon,
         loss_type=args.loss_type,
         save_steps=args.save_steps,
+        chat_template_kwargs=template_kwargs(family),
         **server,
     )
 
@@ -263,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_plan(args, spec)
     from trl import GRPOTrainer
 
+    from thinksafe.chat import template_opened_think
     from thinksafe.io import atomic_write_json
     from thinksafe.models import default_device, default_dtype, load_model, load_tokenizer
     from thinksafe.rewards import FormatReward, GuardReward
@@ -284,11 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s: %d prompts (%d too long), guard %s, run %s", args.dataset, len(dataset), dropped,
                 getattr(guard, "label", args.guard), paths.name)
 
+    opened = template_opened_think(tokenizer, spec.family)  # TRL's completions start after it
     model = load_model(spec.source, device="cpu", dtype=default_dtype(device))  # the trainer places it
     trainer = GRPOTrainer(
         model=model.train(),
-        reward_funcs=[GuardReward(guard, spec.family), FormatReward(spec.family)],  # equal weights (paper)
-        args=grpo_config(args, paths, device, report_to, max_completion),
+        reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
+        args=grpo_config(args, paths, device, report_to, max_completion, spec.family),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=None if args.full_finetune else lora_config(

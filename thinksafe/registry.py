@@ -50,8 +50,8 @@ class Family:
     reasoning: the model writes a <think>...</think> block; responses without a closed block are
         dropped. For non-reasoning families (the demo model) a response is complete when it ends
         with the end-of-turn token.
-    template_opens_think: the chat template's generation prompt already ends in "<think>\\n", so
-        the model's output starts inside the block (R1-distill) and we prepend the tag ourselves.
+    Whether a template's generation prompt opens the think block is read from the template itself
+    (thinksafe.chat.opened_think): R1-distill's two template revisions differ there.
     """
 
     name: str
@@ -59,7 +59,6 @@ class Family:
     default_size: str
     sampling: Sampling
     reasoning: bool = True
-    template_opens_think: bool = False
     slug_prefix: str = ""
     dataset_prefix: str = ""  # prefix of the published ThinkSafe dataset short names
     default_guard: str = "llama-guard-3"  # the guard that filters this family's self-generated data
@@ -97,7 +96,6 @@ FAMILIES: dict[str, Family] = {
         },
         default_size="1.5B",
         sampling=Sampling(temperature=0.6, top_p=0.95, top_k=None),
-        template_opens_think=True,
         slug_prefix="r1-distill",
         dataset_prefix="thinksafe-r1",
     ),

@@ -53,18 +53,19 @@ def completion_text(completion) -> str:
     raise TypeError(f"unexpected completion type {type(completion).__name__}")
 
 
-def format_score(text: str, family: Family) -> float:
-    """1.0 when the completion's think block is well formed for its family, else 0.0.
+def format_score(text: str, family: Family, opened: str = "") -> float:
+    """1.0 when the response's think block is well formed for its family, else 0.0.
 
-    - Qwen3-style (the model opens the block): exactly one `<think>` and one `</think>`, in order.
-    - R1-distill (the chat template already opened the block): exactly one `</think>`, no `<think>`.
+    `opened` is what the prompt already wrote of the response (`<think>\\n` where the template opens
+    the block, read from the template: thinksafe.chat.template_opened_think); the completion is
+    scored as the whole turn `opened + text`.
+    - Reasoning families: exactly one `<think>` and one `</think>`, in that order.
     - Non-reasoning families (the demo model): no think tags at all.
     """
+    text = opened + text
     opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
     if not family.reasoning:
         return float(opens == 0 and closes == 0)
-    if family.template_opens_think:
-        return float(opens == 0 and closes == 1)
     return float(opens == 1 and closes == 1 and text.index(THINK_OPEN) < text.index(THINK_CLOSE))
 
 
@@ -103,11 +104,12 @@ class FormatReward:
 
     __name__ = "format_reward"  # TRL names the logged reward column after __name__
 
-    def __init__(self, family: Family):
+    def __init__(self, family: Family, opened: str = ""):
         self.family = family
+        self.opened = opened  # what the prompt already wrote of each response (see format_score)
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return [format_score(completion_text(c), self.family) for c in completions]
+        return [format_score(completion_text(c), self.family, self.opened) for c in completions]
 
 
 class GuardReward:
@@ -115,20 +117,21 @@ class GuardReward:
 
     The guard sees the dataset's `instruction` (the user's words), not the chat-templated policy
     prompt the paper's code sent, and the whole completion, reasoning included, normalised as in
-    synthesis (R1-distill's implicit `<think>` restored). `guard` is any thinksafe.guards.Guard:
+    synthesis (the `<think>` a template opened in the prompt restored). `guard` is any thinksafe.guards.Guard:
     loaded in-process (single-device mode) or a LogprobGuard over VLLMServerBackend.
     """
 
     __name__ = "guard_reward"
 
-    def __init__(self, guard, family: Family):
+    def __init__(self, guard, family: Family, opened: str = ""):
         self.guard = guard
         self.family = family
+        self.opened = opened
 
     def __call__(self, prompts, completions, instruction=None, log_metric=None, **kwargs) -> list[float]:
         if instruction is None:
             raise ThinksafeError("the GRPO dataset has no `instruction` column for the guard reward")
-        responses = [normalize_response(completion_text(c), self.family).text for c in completions]
+        responses = [normalize_response(self.opened + completion_text(c), self.family).text for c in completions]
         verdicts = self.guard.judge(list(instruction), responses)
         if len(verdicts) != len(responses):
             raise GuardServerError(f"the guard returned {len(verdicts)} verdicts for {len(responses)} completions")

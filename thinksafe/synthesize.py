@@ -394,23 +394,25 @@ def prepare_out_dir(cfg: SynthConfig) -> None:
     atomic_write_json(manifest_path, cfg.manifest())
 
 
-def make_default_generator(cfg: SynthConfig) -> Generator:
-    from thinksafe.generation import make_generator
+def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
+    from thinksafe.generation import make_generator, pick_backend
 
     try:
-        return make_generator(cfg.model.source, cfg.model.family, backend=cfg.backend, batch_size=cfg.batch_size,
-                              device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
+        return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),
+                              batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     except (ValueError, RuntimeError) as err:
         if isinstance(err, ThinksafeError):
             raise
         raise ThinksafeError(str(err)) from None
 
 
-def make_default_guard(cfg: SynthConfig):
+def make_default_guard(cfg: SynthConfig, rows_to_judge: int):
     from thinksafe.guards import load_guard
 
     return load_guard(cfg.guard, device=cfg.device, backend=cfg.backend, style=cfg.guard_style,
-                      batch_size=cfg.guard_batch_size, trust_remote_code=cfg.trust_remote_code)
+                      batch_size=cfg.guard_batch_size, trust_remote_code=cfg.trust_remote_code,
+                      work_tokens=rows_to_judge * cfg.sampling.max_new_tokens)
 
 
 @dataclass
@@ -435,11 +437,12 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     gen_log = ResumableLog(cfg.out / GENERATIONS_LOG, key=lambda r: r["key"])
     missing = [p for p in prompts if any(sample_key(p.id, s) not in gen_log.done for s in range(n))]
     backend_name = generator.name if generator is not None else None
+    backend_reason = generator.reason if generator is not None else None
     if missing:
         load_start = time.perf_counter()
         owned = generator is None
-        generator = generator or make_default_generator(cfg)
-        backend_name = generator.name
+        generator = generator or make_default_generator(cfg, len(missing))
+        backend_name, backend_reason = generator.name, generator.reason
         gen_timer.load_s = time.perf_counter() - load_start
         generate_missing(cfg, prompts, generator, gen_log, gen_timer)
         gen_timer.extra["completions"] = gen_timer.items * n
@@ -458,7 +461,7 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     guard_name, guard_label = cfg.guard, None
     if any(g["key"] not in judged_log.done for _, g in to_judge):
         load_start = time.perf_counter()
-        guard = guard or make_default_guard(cfg)
+        guard = guard or make_default_guard(cfg, sum(g["key"] not in judged_log.done for _, g in to_judge))
         judge_timer.load_s = time.perf_counter() - load_start
         judge_missing(cfg, to_judge, guard, judged_log, judge_timer)
     else:
@@ -475,7 +478,8 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     train_file, stats_file = cfg.out / TRAIN_FILE, cfg.out / STATS_FILE
     stats = {
         "generator": {"model": cfg.model.source, "family": cfg.model.family.name, "size": cfg.model.size,
-                      "reasoning": cfg.model.family.reasoning, "backend": backend_name},
+                      "reasoning": cfg.model.family.reasoning, "backend": backend_name,
+                      "backend_reason": backend_reason},
         "guard": {"name": guard_name, "label": guard_label, "style": cfg.guard_style},
         "prompt_source": describe_source(cfg.prompts),
         "limit": cfg.limit,

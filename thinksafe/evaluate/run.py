@@ -284,7 +284,12 @@ def score_safety(job: Job, rows: list[dict], family: Family, guard) -> dict:
             "secondary": {k: v.to_dict() for k, v in secondary.items()}}
 
 
-def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, backend: str) -> dict:
+def generation_work(jobs: list[Job]) -> int:
+    """An upper bound on the tokens left to generate: items x samples x token budget."""
+    return sum(len(j.items) * j.sampling.n * j.sampling.max_new_tokens for j in jobs)
+
+
+def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, backend) -> dict:
     metrics = {
         "task": job.task.name,
         "run_name": model.run_name,
@@ -295,7 +300,7 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
         "sampling": job.sampling.to_dict(),
         "judge": judge,
         "data": job.data,
-        "backend": "skythought" if job.via_skythought else backend,
+        **({"backend": "skythought"} if job.via_skythought else backend.to_dict()),
         "wall_time_s": round(job.seconds, 1),
         "resumed_rows": job.resumed_rows,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -309,11 +314,12 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
 # --- backends -------------------------------------------------------------------------------
 
 
-def choose_backend(backend: str) -> str:
+def choose_backend(backend: str, work_tokens: int | None = None):
+    """The generation backend (a BackendChoice) for about `work_tokens` generated tokens."""
     from thinksafe.generation import pick_backend
 
     try:
-        return pick_backend(backend)
+        return pick_backend(backend, work_tokens)
     except (ValueError, RuntimeError) as err:
         raise EvaluateError(str(err)) from None
 
@@ -336,7 +342,7 @@ def make_policy_generator(model: EvalModel, backend: str, args):
               "tensor_parallel_size": args.tensor_parallel_size,
               "gpu_memory_utilization": args.gpu_memory_utilization}
     common = {k: v for k, v in common.items() if v is not None}
-    if model.adapter is not None and backend == "vllm":  # LoRA served directly, no merge
+    if model.adapter is not None and backend.name == "vllm":  # LoRA served directly, no merge
         generator = make_generator(model.source, model.family, backend, enable_lora=True,
                                    max_lora_rank=max(model.lora_rank or 0, 16), **common)
         generator.use_adapter(str(model.adapter))
@@ -385,9 +391,7 @@ def run_skythought(job: Job, model: EvalModel, args) -> dict:
 
 def evaluate(args) -> list[dict]:
     model = resolve_eval_model(args.model, args.run_name, args.model_type)
-    backend = choose_backend(args.backend)
-    jobs = plan_jobs(args, model, backend)
-    logger.info("run %s: %s (%s family), backend %s", model.run_name, model.requested, model.family.name, backend)
+    jobs = plan_jobs(args, model, choose_backend(args.backend).name)
     todo = []
     for job in jobs:
         if (job.task_dir / METRICS).exists() and not (args.overwrite or args.rescore):
@@ -401,9 +405,12 @@ def evaluate(args) -> list[dict]:
 
     results = []
     for job in [j for j in todo if j.via_skythought]:
-        results.append(write_results(job, model, run_skythought(job, model, args), None, backend))
+        results.append(write_results(job, model, run_skythought(job, model, args), None, None))
 
     builtin = [j for j in todo if not j.via_skythought]
+    backend = choose_backend(args.backend, generation_work(builtin))
+    logger.info("run %s: %s (%s family), backend %s (%s)", model.run_name, model.requested, model.family.name,
+                backend.name, backend.reason)
     generator = None
     for job in builtin:  # phase 1: generate every task (the policy model alone on the device)
         start = time.time()
@@ -422,7 +429,7 @@ def evaluate(args) -> list[dict]:
         if job.task.is_reasoning:
             result = score_reasoning(job, job.rows, model.family)
         else:
-            guard = guards.get(job.judge) or _load_guard(job.judge, args)
+            guard = guards.get(job.judge) or _load_guard(job.judge, args, len(job.rows) * job.sampling.max_new_tokens)
             guards[job.judge] = guard
             result = score_safety(job, job.rows, model.family, guard)
             judge_info = {"name": guard.name, "label": guard.label,
@@ -435,11 +442,11 @@ def evaluate(args) -> list[dict]:
     return results
 
 
-def _load_guard(name: str, args):
+def _load_guard(name: str, args, work_tokens: int):
     from thinksafe.guards import load_guard
 
     vllm_kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}
-    return load_guard(name, device=args.device, backend=args.backend, **vllm_kwargs)
+    return load_guard(name, device=args.device, backend=args.backend, work_tokens=work_tokens, **vllm_kwargs)
 
 
 def log_to_wandb(model: EvalModel, results: list[dict], report_to: str) -> None:
