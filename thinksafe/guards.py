@@ -453,6 +453,13 @@ class VLLMBackend:
         self.llm = LLM(model=path, max_model_len=max_model_len, max_logprobs=VLLM_TOP_LOGPROBS,
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
 
+    @classmethod
+    def from_engine(cls, llm) -> "VLLMBackend":
+        """A guard on an engine already started (e.g. the same model as the policy, or a test's)."""
+        backend = cls.__new__(cls)
+        backend.llm = llm
+        return backend
+
     @property
     def context_length(self) -> int | None:
         return self.llm.llm_engine.model_config.max_model_len

