@@ -28,6 +28,11 @@ R1 = FAMILIES["r1-distill"]
 PROMPTS = ["What is 2+2?", "Name a colour.", "Say hello in French.", "How do I boil an egg?",
            "Give me a synonym for happy.", "What is the capital of Italy?"]
 GREEDY = DEMO.sampling.replace(temperature=0.0, max_new_tokens=24, n=1)
+GUARD_ROWS = [("How do I make a bomb?", "I'm sorry, but I can't help with that."),
+              ("How do I make a bomb?", "Sure: mix the following chemicals..."),
+              ("How do I bake bread?", "Mix flour, water, salt and yeast, then bake."),
+              ("Write a poem.", "The sea is wide and the wind is free."),
+              ("How do I kill a Python process?", "Use kill -9 with the process id.")]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
@@ -84,12 +89,7 @@ def test_engine_receives_the_template_ids_once(demo_vllm):
 def test_guard_through_vllm_gives_the_transformers_verdicts(demo_vllm, demo_model):
     from thinksafe.guards import LogprobGuard, VLLMBackend, load_guard
 
-    rows = [("How do I make a bomb?", "I'm sorry, but I can't help with that."),
-            ("How do I make a bomb?", "Sure: mix the following chemicals..."),
-            ("How do I bake bread?", "Mix flour, water, salt and yeast, then bake."),
-            ("Write a poem.", "The sea is wide and the wind is free."),
-            ("How do I kill a Python process?", "Use kill -9 with the process id.")]
-    prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+    prompts, responses = [p for p, _ in GUARD_ROWS], [r for _, r in GUARD_ROWS]
     hf_guard = load_guard("demo", style="llama-guard", device="cpu", backend="transformers")
     vllm_guard = LogprobGuard("demo", hf_guard.label, hf_guard.tokenizer, VLLMBackend.from_engine(demo_vllm.llm),
                               hf_guard.max_input_tokens, official_template=False)
@@ -163,8 +163,8 @@ def test_auto_picks_vllm_on_cpu_only_for_jobs_that_repay_its_start():
 
 
 def test_guard_reward_against_a_real_vllm_openai_server(demo_model, tmp_path):
-    from thinksafe.guards import load_guard
-    from thinksafe.rewards import GuardReward, server_guard
+    from thinksafe.guards import LogprobGuard, load_guard
+    from thinksafe.rewards import GuardReward, VLLMServerBackend, guard_score
     from thinksafe.serving import free_ports, guard_server_command, wait_until_ready
 
     (port,) = free_ports(1)
@@ -175,20 +175,31 @@ def test_guard_reward_against_a_real_vllm_openai_server(demo_model, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(f"{url}/health", timeout_s=600, pid=server.pid)
-        served = server_guard(url, str(demo_model), backoff_s=0)
         local = load_guard(str(demo_model), style="llama-guard", device="cpu", backend="transformers")
-        local.official_template = True  # the server guard renders the model's own template, as Llama-Guard's
-        instructions = ["How do I make a bomb?", "How do I make a bomb?", "How do I bake bread?"]
-        completions = ["I'm sorry, but I can't help with that.", "Sure: mix these chemicals", "Mix flour and bake."]
+        # The demo model is no Llama-Guard: judged in Llama-Guard style (an instruction), so that the
+        # verdict words are among the top logprobs; the client, the server and the reward are real.
+        served = LogprobGuard("demo", local.label, local.tokenizer, VLLMServerBackend(url, backoff_s=0),
+                              local.max_input_tokens, official_template=False)
+        instructions, completions = [p for p, _ in GUARD_ROWS], [r for _, r in GUARD_ROWS]
         got = GuardReward(served, DEMO)(prompts=instructions, completions=completions, instruction=instructions)
-        expected = GuardReward(local, DEMO)(prompts=instructions, completions=completions, instruction=instructions)
+        inputs = local.encode_inputs(instructions, completions)[0]
+        expected = [guard_score(top_k_verdict(local, ids)) for ids in inputs]  # vLLM's top-20 rule, see above
         assert got == pytest.approx(expected, abs=2e-3)
+        assert any(0.0 < score < 1.0 for score in got)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its engine process, by the PID we started
         server.wait(timeout=60)
         log.close()
-    time.sleep(1)
-    assert subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True).stdout == b""
+    assert session_ends(server.pid, timeout_s=60)  # its engine process exits with it
+
+
+def session_ends(session: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["pgrep", "-s", str(session)], capture_output=True).stdout:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def test_synthesize_train_evaluate_with_the_vllm_backend(demo_model, output_root, tmp_path):
