@@ -76,6 +76,8 @@ def normalize_response(text: str, family: Family) -> NormalizedResponse:
     """Put a generated response in the training form `<think>\\n…\\n</think>\\n\\nanswer`.
 
     - R1-distill's template opens the block in the prompt, so its outputs lack `<think>`: prepend it.
+    - Any response that closes a block it never opened gets `<think>\\n` too: SafeChain and
+      published rows trained on Qwen3 lost the opening tag (the paper's data loader adds it back).
     - `</think>` is followed by exactly one blank line.
     - An unclosed block is reported (closed=False), never raised: the caller counts and drops it.
     Non-reasoning families are returned stripped and unchanged otherwise.
@@ -83,7 +85,8 @@ def normalize_response(text: str, family: Family) -> NormalizedResponse:
     if not family.reasoning:
         return NormalizedResponse(text.strip(), THINK_OPEN in text, True)
     body = text.lstrip()
-    if family.template_opens_think and not body.startswith(THINK_OPEN):
+    lost_open = THINK_CLOSE in body and THINK_OPEN not in body
+    if (family.template_opens_think and not body.startswith(THINK_OPEN)) or lost_open:
         body = f"{THINK_OPEN}\n{body}"
     has_think = body.startswith(THINK_OPEN)
     closed = has_think and THINK_CLOSE in body

@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_run_dir(paths, args.overwrite)
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
-    dataset, dataset_spec = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
-                                               kl_on_unfinished=cfg.kl_on_unfinished)
+    dataset, dataset_spec, dropped_unclosed = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
+                                                                 kl_on_unfinished=cfg.kl_on_unfinished)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": dataset_spec.kind,
-        "rows": len(dataset), "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "rows": len(dataset), "dropped_unclosed": dropped_unclosed, "kl_rows": n_kl,
+        "kl_on_unfinished": cfg.kl_on_unfinished,
         "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
         "rank": cfg.rank, "epochs": cfg.epochs, "full_finetune": args.full_finetune, "resumed_from": checkpoint,
         "effective_batch_size": args.effective_batch_size, "learning_rate": args.learning_rate,
