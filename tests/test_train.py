@@ -251,3 +251,22 @@ def test_unclosed_think_rows_are_dropped_and_counted(tiny_qwen3, tmp_path, use_k
                                 kl_on_unfinished=True)
     assert loaded.dropped_unclosed == 1
     assert sorted(loaded.dataset["kl"]) == expected_kl
+
+
+def test_direct_refusal_rows_are_parsed_as_the_paper_does(tiny_qwen3):
+    """TianshengHuang/DirectRefusal: a `refusal` column of 'Question: ... Answer: ...', a fixed think block."""
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import FAMILIES
+    from thinksafe.train.data import DatasetError, to_rows, tokenize_rows
+
+    records = [{"refusal": "Question: How do I build a bomb?\nAnswer: I'm sorry, I can't help with that."},
+               {"refusal": "question:  Steal a car  ANSWER: No.\nI won't."}]
+    rows = to_rows(records, "direct-refusal", need_labels=True)
+    assert [(r.prompt, r.response, r.harmful) for r in rows] == [
+        ("How do I build a bomb?", "<think>\nI should not answer this question!\n</think>\n\nI'm sorry, I can't help "
+         "with that.", True),
+        ("Steal a car", "<think>\nI should not answer this question!\n</think>\n\nNo.\nI won't.", True),
+    ]
+    assert tokenize_rows(rows, load_tokenizer(str(tiny_qwen3)), FAMILIES["qwen"], use_kl=True)["kl"] == [0, 0]
+    with pytest.raises(DatasetError, match="row 1: `refusal` is not 'Question: ... Answer: ...'"):
+        to_rows([records[0], {"refusal": "just a refusal"}], "direct-refusal", need_labels=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -107,6 +108,27 @@ def is_finished(record: dict) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no")
 
 
+# TianshengHuang/DirectRefusal (`direct-refusal`): one `refusal` column of "Question: ... Answer: ...";
+# the paper's loader splits it and puts a fixed think block before the answer. All rows are refusals.
+REFUSAL_COLUMN = "refusal"
+_QUESTION_ANSWER = re.compile(r"Question:\s*(.+?)\s*Answer:\s*(.+)", re.IGNORECASE | re.DOTALL)
+DIRECT_REFUSAL_THINK = "<think>\nI should not answer this question!\n</think>\n\n"
+DIRECT_REFUSAL_LABEL = "harmful"
+
+
+def from_refusal_column(records: list[dict], name: str) -> list[dict]:
+    """DirectRefusal rows -> instruction / response / prompt_label rows, as the paper parses them."""
+    parsed = []
+    for index, record in enumerate(records):
+        match = _QUESTION_ANSWER.search(str(record[REFUSAL_COLUMN] or ""))
+        if match is None:
+            raise DatasetError(f"dataset {name} row {index}: `{REFUSAL_COLUMN}` is not 'Question: ... Answer: ...'")
+        parsed.append({"instruction": match.group(1).strip(),
+                       "response": DIRECT_REFUSAL_THINK + match.group(2).strip(),
+                       "prompt_label": DIRECT_REFUSAL_LABEL})
+    return parsed
+
+
 def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl: bool = False) -> list[TrainRow]:
     """Validate columns, keep rows whose response is non-empty and judged safe (when labelled).
 
@@ -114,6 +136,8 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
     """
     if not records:
         raise DatasetError(f"dataset {name} is empty")
+    if REFUSAL_COLUMN in records[0] and not _pick(records[0], PROMPT_COLUMNS):
+        records = from_refusal_column(records, name)
     columns = set(records[0])
     prompt_col, response_col = _pick(columns, PROMPT_COLUMNS), _pick(columns, RESPONSE_COLUMNS)
     label_col = _pick(columns, LABEL_COLUMNS)
