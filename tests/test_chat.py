@@ -69,6 +69,20 @@ def test_normalize_prepends_think_for_r1_and_fixes_blank_line():
     assert normalize_response("<think>\nr\n</think>\n\n\n\nanswer  ", QWEN).text == "<think>\nr\n</think>\n\nanswer"
 
 
+def test_normalize_adds_the_opening_tag_a_closed_block_lost():
+    """SafeChain-style rows on Qwen3: `</think>` without `<think>` get the tag back (as the paper's loader)."""
+    lost = "Okay, the user wants bread.\n</think>\n\nMix flour, water and yeast."
+    out = normalize_response(lost, QWEN)
+    assert out.text == RESPONSE and out.has_think and out.closed
+    assert normalize_response(RESPONSE, QWEN).text == RESPONSE  # an opened block is not opened twice
+
+
+def test_training_text_of_a_lost_opening_tag_matches_the_complete_row(tiny_qwen3):
+    tok = load_tokenizer(str(tiny_qwen3))
+    lost = RESPONSE.removeprefix("<think>\n")
+    assert training_texts(tok, PROMPT, lost, QWEN) == training_texts(tok, PROMPT, RESPONSE, QWEN)
+
+
 def test_normalize_reports_unclosed_think():
     assert not normalize_response("<think>\nI keep thinking and never stop", QWEN).closed
     assert not normalize_response("still thinking", R1).closed

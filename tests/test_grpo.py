@@ -151,6 +151,23 @@ def test_options_come_from_the_recipe_and_flags_override(prompts_file):
     assert args.guard == "refusal-judge"  # the demo family's guard
 
 
+@pytest.mark.parametrize("model", ["qwen/0.6B", "r1-distill/8B", "demo"])
+def test_trl_corrections_the_paper_did_not_have_are_off(model, prompts_file, tmp_path):
+    """TRL 1.x turns on a bias-corrected KL and vLLM importance sampling; the paper's TRL 0.21 had neither."""
+    from trl import GRPOConfig
+
+    from thinksafe.grpo import grpo_config, parse_args
+
+    assert GRPOConfig.use_bias_correction_kl and GRPOConfig.vllm_importance_sampling_correction  # TRL's defaults
+    args, spec = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8"])
+    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64)
+    assert config.use_bias_correction_kl is False and config.vllm_importance_sampling_correction is False
+    args, _ = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8",
+                          "--use-bias-correction-kl", "true", "--vllm-importance-sampling-correction", "true"])
+    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64)
+    assert config.use_bias_correction_kl is True and config.vllm_importance_sampling_correction is True
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "foo"], "model 'foo' is unknown"),
     (["--model", "qwen/3B"], "size '3B'"),

@@ -278,7 +278,7 @@ class _ScriptedTextBackend:
         return self.texts
 
 
-def test_wildguard_guard_prepends_bos_and_parses(tiny_r1):
+def test_wildguard_guard_starts_with_bos_and_parses(tiny_r1):
     tokenizer = _tokenizer(tiny_r1)
     backend = _ScriptedTextBackend(["Harmful request: yes\nResponse refusal: yes\nHarmful response: no",
                                     "harmful request: yes\nresponse refusal: no\nharmful response: yes"])
@@ -286,8 +286,24 @@ def test_wildguard_guard_prepends_bos_and_parses(tiny_r1):
     safe, unsafe = guard.judge(PROMPTS, RESPONSES)
     assert safe.safe and safe.refusal and not unsafe.safe and unsafe.refusal is False
     sequences, max_new = backend.seen
-    assert max_new == 32 and all(s[0] == tokenizer.bos_token_id for s in sequences)
+    assert max_new == 32 and all(s[0] == tokenizer.bos_token_id and s.count(tokenizer.bos_token_id) == 1
+                                 for s in sequences)
     assert tokenizer.decode(sequences[0][1:]) == wildguard_input(PROMPTS[0], RESPONSES[0])
+
+
+def test_wildguard_tokenises_bos_and_format_as_one_string_like_the_model_card():
+    """The card: tokenizer(["<s><|user|>..."], add_special_tokens=False). A SentencePiece-style
+    tokenizer splits `<|user|>` differently at the start of a string than after `<s>`."""
+    from tiny_models import build_sentencepiece_style_tokenizer
+
+    card_text = "<s>" + wildguard_input(PROMPTS[0], RESPONSES[0])  # the card's literal BOS text
+    tokenizer = build_sentencepiece_style_tokenizer([card_text])
+    card_ids = tokenizer([card_text], add_special_tokens=False)["input_ids"][0]
+    bos_then_format = [tokenizer.bos_token_id] + tokenizer(card_text[len("<s>"):], add_special_tokens=False)["input_ids"]
+    assert card_ids != bos_then_format  # the fixture does tell the two apart
+    backend = _ScriptedTextBackend(["Harmful request: no\nResponse refusal: no\nHarmful response: no"])
+    WildGuard("wildguard", "WildGuard", tokenizer, backend, 4096).judge(PROMPTS[:1], RESPONSES[:1])
+    assert backend.seen[0] == [card_ids]
 
 
 def test_wildguard_on_a_random_model_is_counted_unparsed(tiny_r1):

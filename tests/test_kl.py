@@ -13,8 +13,9 @@ from thinksafe.registry import FAMILIES
 IGNORE = -100
 
 
-def rows_file(tmp_path, n=4, response="<think>\nsome reasoning here\n</think>\n\nthe answer"):
-    rows = [{"instruction": f"question number {i}", "response": f"{response} {i}",
+def rows_file(tmp_path, n=4, response="<think>\nsome reasoning here\n</think>\n\nthe answer", varied=False):
+    """n rows alternating harmful/benign; `varied`: row i's answer is i+1 times as long (row != token weights)."""
+    rows = [{"instruction": f"question number {i}", "response": f"{response} {i}" * (i + 1 if varied else 1),
              "prompt_label": "vanilla_benign" if i % 2 else "adversarial_harmful", "response_label": "safe"}
             for i in range(n)]
     path = tmp_path / "train.jsonl"
@@ -22,7 +23,8 @@ def rows_file(tmp_path, n=4, response="<think>\nsome reasoning here\n</think>\n\
     return path, rows
 
 
-def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, batch=4, lora_init_scale=0.5):
+def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, batch=4, lora_init_scale=0.5,
+                 weighting="row", varied=False):
     """A KLSFTTrainer on a tiny model with non-zero LoRA weights (so model != base)."""
     from thinksafe.models import load_model, load_tokenizer
     from thinksafe.registry import resolve_model
@@ -32,7 +34,7 @@ def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, ba
     from thinksafe.train.kl import KLSFTTrainer
     from trl import SFTConfig
 
-    path, _ = rows_file(tmp_path, n)
+    path, _ = rows_file(tmp_path, n, varied=varied)
     spec = resolve_model(str(model_dir), model_type=family)
     tokenizer = load_tokenizer(str(model_dir))
     from thinksafe.registry import resolve_dataset
@@ -45,7 +47,7 @@ def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, ba
                      learning_rate=1e-3, lr_scheduler_type="constant")
     trainer = KLSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=make_collator(tokenizer.pad_token_id),
-                           peft_config=lora_config(4, dropout=0.0))
+                           peft_config=lora_config(4, dropout=0.0), weighting=weighting)
     torch.manual_seed(0)
     for name, param in trainer.model.named_parameters():
         if "lora_B" in name:
@@ -77,24 +79,28 @@ def full_logits(trainer, batch, adapter: bool):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def reference_loss(trainer, batch, num_items=None):
-    """CE (harmful rows) and KL(base || model) (benign rows) from full logits, combined as documented."""
+def reference_token_losses(trainer, batch):
+    """Independent, from full logits: per-token CE (harmful rows) and KL(base || model) (benign rows).
+
+    Returns [B, T-1] losses and the [B, T-1] mask of the positions that count.
+    """
     logits = full_logits(trainer, batch, adapter=True)[:, :-1].float()
     base = full_logits(trainer, batch, adapter=False)[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    kl_rows = batch["kl"]
-    positions = labels != IGNORE
+    kl_rows = batch["kl"][:, None]
     ce_tok = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
     kl_tok = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1)
-    ce_pos = positions & ~kl_rows[:, None]
-    kl_pos = positions & kl_rows[:, None]
-    ce_sum, kl_sum = ce_tok[ce_pos].sum(), kl_tok[kl_pos].sum()
-    if num_items is not None:
-        return (ce_sum + kl_sum) / num_items
-    n_ce, n_kl = int((~kl_rows).sum()), int(kl_rows.sum())
-    ce_mean = ce_sum / ce_pos.sum().clamp(min=1)
-    kl_mean = kl_sum / kl_pos.sum().clamp(min=1)
-    return (ce_mean * n_ce + kl_mean * n_kl) / (n_ce + n_kl)
+    return torch.where(kl_rows, kl_tok, ce_tok), labels != IGNORE
+
+
+def reference_loss(trainer, batches, weighting="row", num_items=None):
+    """The step's loss over micro-batches: the mean over rows of each row's mean, or over all tokens."""
+    per_batch = [reference_token_losses(trainer, batch) for batch in batches]
+    if weighting == "token":
+        total = sum(losses[mask].sum() for losses, mask in per_batch)
+        return total / (num_items or sum(int(mask.sum()) for _, mask in per_batch))
+    row_means = [losses[i][mask[i]].mean() for losses, mask in per_batch for i in range(len(mask)) if mask[i].any()]
+    return torch.stack(row_means).mean()
 
 
 def test_forward_kl_per_token_matches_kl_div():
@@ -116,22 +122,79 @@ def test_forward_kl_per_token_matches_kl_div():
 
 
 @pytest.mark.parametrize("num_items", [None, 57])
-def test_mixed_batch_loss_equals_full_logit_reference(tiny_qwen3, tmp_path, num_items):
-    trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen")
+def test_token_weighted_mixed_batch_equals_full_logit_reference(tiny_qwen3, tmp_path, num_items):
+    trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen", weighting="token", varied=True)
     batch = first_batch(trainer)
     assert batch["kl"].any() and (~batch["kl"]).any(), "the batch must mix KL and CE rows"
-    expected = reference_loss(trainer, batch, num_items)
+    expected = reference_loss(trainer, [batch], "token", num_items)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
     assert trainer._metrics["train"]["kl_loss"] and trainer._metrics["train"]["ce_loss"]
 
 
+def accumulate(trainer, batches, num_items=None):
+    """What one optimizer step sums: the trainer counts the step's rows, then one loss per micro-batch."""
+    trainer.model.train()
+    trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+    return sum(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items) for batch in batches)
+
+
+def micro_batches(trainer):
+    return [{k: v.to("cpu") for k, v in batch.items()} for batch in trainer.get_train_dataloader()]
+
+
+def test_row_weighting_is_the_mean_of_row_means_over_accumulated_micro_batches(tiny_qwen3, tmp_path):
+    """The default: rows of very different lengths weigh the same, across two accumulated micro-batches."""
+    trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen", batch=2, varied=True)
+    batches = micro_batches(trainer)
+    assert len(batches) == 2 and trainer.weighting == "row"
+    expected = reference_loss(trainer, batches, "row")
+    torch.testing.assert_close(accumulate(trainer, batches, num_items=123).detach(), expected, rtol=1e-5, atol=1e-5)
+    assert trainer.rows_in_step == 4
+    assert not torch.allclose(expected, reference_loss(trainer, batches, "token"), rtol=1e-3)  # the rows differ
+
+
+def test_token_weighting_over_accumulated_micro_batches(tiny_qwen3, tmp_path):
+    trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen", batch=2, weighting="token", varied=True)
+    batches = micro_batches(trainer)
+    num_items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    expected = reference_loss(trainer, batches, "token")
+    torch.testing.assert_close(accumulate(trainer, batches, num_items).detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_issue_example_row_weighting_gives_kl_rows_half_the_weight():
+    """4 refusals of 300 tokens + 4 benign rows of 3,000: KL rows weigh 50% by row, 91% by token."""
+    from thinksafe.train.kl import row_means_sum, row_weighted_loss, token_weighted_loss
+
+    lengths = [300] * 4 + [3000] * 4
+    row_index = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    kl_token = row_index >= 4
+    losses = torch.rand(len(row_index), dtype=torch.float64, requires_grad=True)
+    row_means, rows = row_means_sum(losses, row_index, len(lengths))
+    grad_row, = torch.autograd.grad(row_weighted_loss(row_means, rows), losses)
+    grad_token, = torch.autograd.grad(
+        token_weighted_loss(losses[~kl_token].sum(), losses[kl_token].sum(), len(losses)), losses)
+    assert grad_row[kl_token].sum().item() == pytest.approx(0.5)
+    assert grad_token[kl_token].sum().item() == pytest.approx(12000 / 13200)
+    assert row_weighted_loss(row_means, rows).item() == pytest.approx(
+        sum(losses[row_index == i].mean().item() for i in range(8)) / 8)
+
+
+def test_processes_divide_by_the_rows_of_all_of_them():
+    """DDP averages gradients over processes: each one's sum / all rows x processes = the global mean."""
+    from thinksafe.train.kl import row_weighted_loss
+
+    per_process = [torch.tensor(3.0), torch.tensor(5.0)]  # summed row means, 2 rows on each process
+    averaged = sum(row_weighted_loss(s, rows_in_step=4, process_scale=2) for s in per_process) / 2
+    assert averaged.item() == pytest.approx((3.0 + 5.0) / 4)
+
+
 def test_all_benign_batch_is_pure_kl(tiny_r1, tmp_path):
     trainer, *_ = make_trainer(tiny_r1, tmp_path, "r1-distill")
     batch = first_batch(trainer)
     batch = {k: v[batch["kl"]] for k, v in batch.items()}
-    expected = reference_loss(trainer, batch)
+    expected = reference_loss(trainer, [batch])
     loss = trainer.compute_loss(trainer.model, dict(batch))
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
     assert expected > 0
@@ -179,11 +242,13 @@ def test_gradients_reach_lora_parameters_only(tiny_qwen3, tmp_path):
     assert with_grad == lora
 
 
-def test_all_kl_batch_without_item_count_is_finite():
-    """A micro-batch of benign rows only: TRL's CE mean is over zero tokens (NaN) and must not leak."""
-    from thinksafe.train.kl import combine_ce_kl
+def test_row_means_skip_rows_without_tokens():
+    from thinksafe.train.kl import row_means_sum
 
-    nan_ce = torch.nn.functional.cross_entropy(torch.randn(3, 5), torch.full((3,), -100))
-    assert torch.isnan(nan_ce)
-    loss = combine_ce_kl(nan_ce, torch.tensor(6.0), n_kl_tokens=4, n_ce_rows=0, n_kl_rows=2)
-    assert loss.item() == pytest.approx(6.0 / 4)
+    total, rows = row_means_sum(torch.tensor([1.0, 3.0, 6.0]), torch.tensor([0, 0, 2]), n_rows=4)
+    assert (total.item(), rows) == (2.0 + 6.0, 2)
+
+
+def test_unknown_weighting_is_refused(tiny_qwen3, tmp_path):
+    with pytest.raises(ValueError, match="row, token"):
+        make_trainer(tiny_qwen3, tmp_path, "qwen", weighting="rows")

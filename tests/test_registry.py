@@ -2,6 +2,7 @@ import re
 
 import pytest
 
+from thinksafe.errors import ThinksafeError
 from thinksafe.plan import resolve_plan
 from thinksafe.registry import (
     DATASETS,
@@ -95,6 +96,16 @@ def test_run_name_always_has_epoch_suffix():
     kl_cut = RunConfig(model, "thinksafe", rank=16, use_kl=True, kl_on_unfinished=True)
     assert run_name(kl_cut) == "qwen3-0.6B_thinksafe_r16_ep3_mask_kl_unfinished"
     assert run_name(RunConfig(model, "thinksafe", rank=16, kl_on_unfinished=True)) == "qwen3-0.6B_thinksafe_r16_ep3_mask"
+
+
+def test_token_weighted_kl_is_its_own_run_and_row_is_the_default():
+    model = resolve_model("qwen", "0.6B")
+    assert RunConfig(model, "thinksafe", use_kl=True).kl_weighting == "row"
+    token = RunConfig(model, "thinksafe", use_kl=True, kl_weighting="token")
+    assert run_name(token) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw"
+    assert run_name(RunConfig(model, "thinksafe", use_kl=True)) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl"
+    with pytest.raises(ThinksafeError, match="choose one of: row, token"):
+        RunConfig(model, "thinksafe", use_kl=True, kl_weighting="rows")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, "3"])

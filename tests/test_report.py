@@ -112,3 +112,14 @@ def test_mean_of_combines_task_errors():
 def test_empty_results_root_is_a_one_line_error(tmp_path):
     with pytest.raises(ThinksafeError, match="run `thinksafe evaluate` first"):
         collect_runs(tmp_path)
+
+
+def test_report_links_the_page_of_paper_commands_and_departures(two_runs):
+    from urllib.parse import unquote, urlparse
+
+    main([str(two_runs)])
+    markdown = (two_runs / "summary.md").read_text()
+    link = re.search(r"\[docs/paper\.md\]\((file://[^)]+)\)", markdown)
+    assert link is not None
+    page = Path(unquote(urlparse(link.group(1)).path))
+    assert page.name == "paper.md" and "## Departures that remain" in page.read_text()

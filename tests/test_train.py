@@ -222,3 +222,51 @@ def test_train_cli_kl_on_unfinished(tiny_qwen3, tmp_path, output_root):
     info = json.loads((only_run_dir(output_root) / "run_info.json").read_text())
     assert (info["rows"], info["kl_rows"], info["kl_on_unfinished"]) == (3, 2, True)
     assert {"kl_loss", "ce_loss"} <= {k for entry in info["log_history"] for k in entry}
+
+
+OPEN_BLOCK_RECORDS = [
+    {"instruction": "bake bread", "response": "<think>\nflour\n</think>\n\nMix flour.", "prompt_label": "vanilla_benign"},
+    {"instruction": "how to hack", "response": "<think>\nThey want to hack and I", "prompt_label": "vanilla_harmful"},
+    {"instruction": "steal a car", "response": "<think>\nno\n</think>\n\nI can't help.", "prompt_label": "vanilla_harmful"},
+    {"instruction": "kill a process", "response": "<think>\nkill -9 with the", "prompt_label": "vanilla_benign",
+     "finished": False},
+]
+
+
+@pytest.mark.parametrize(("use_kl", "expected_kl"), [(False, [0, 0]), (True, [0, 1, 1])])
+def test_unclosed_think_rows_are_dropped_and_counted(tiny_qwen3, tmp_path, use_kl, expected_kl):
+    """A finished row with an open block would be trained with an end-of-turn token: dropped and counted.
+
+    The cut benign row (KL only) is the exception: it keeps its open block and gets no end-of-turn.
+    """
+    from thinksafe.io import atomic_write_jsonl as write_jsonl
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import resolve_model
+    from thinksafe.train.data import load_train_dataset
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, OPEN_BLOCK_RECORDS)
+    spec = resolve_model(str(tiny_qwen3), model_type="qwen")
+    loaded = load_train_dataset(str(path), spec, load_tokenizer(str(tiny_qwen3)), use_kl, tmp_path / "cache",
+                                kl_on_unfinished=True)
+    assert loaded.dropped_unclosed == 1
+    assert sorted(loaded.dataset["kl"]) == expected_kl
+
+
+def test_direct_refusal_rows_are_parsed_as_the_paper_does(tiny_qwen3):
+    """TianshengHuang/DirectRefusal: a `refusal` column of 'Question: ... Answer: ...', a fixed think block."""
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import FAMILIES
+    from thinksafe.train.data import DatasetError, to_rows, tokenize_rows
+
+    records = [{"refusal": "Question: How do I build a bomb?\nAnswer: I'm sorry, I can't help with that."},
+               {"refusal": "question:  Steal a car  ANSWER: No.\nI won't."}]
+    rows = to_rows(records, "direct-refusal", need_labels=True)
+    assert [(r.prompt, r.response, r.harmful) for r in rows] == [
+        ("How do I build a bomb?", "<think>\nI should not answer this question!\n</think>\n\nI'm sorry, I can't help "
+         "with that.", True),
+        ("Steal a car", "<think>\nI should not answer this question!\n</think>\n\nNo.\nI won't.", True),
+    ]
+    assert tokenize_rows(rows, load_tokenizer(str(tiny_qwen3)), FAMILIES["qwen"], use_kl=True)["kl"] == [0, 0]
+    with pytest.raises(DatasetError, match="row 1: `refusal` is not 'Question: ... Answer: ...'"):
+        to_rows([records[0], {"refusal": "just a refusal"}], "direct-refusal", need_labels=False)

@@ -129,3 +129,20 @@ def build_tiny_model(kind: str, out_dir: Path, **shape) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_sentencepiece_style_tokenizer(corpus: list[str], vocab_size: int = 300):
+    """A Llama/Mistral-like tokenizer: Metaspace word starts, prefix marker on the first piece only.
+
+    Like those SentencePiece tokenizers, text at the start of a string gets a leading "▁" that the
+    same text after a special token such as `<s>` does not get.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -97,8 +97,9 @@ class NormalizedResponse:
 def normalize_response(text: str, family: Family) -> NormalizedResponse:
     """Put a generated response in the training form `<think>\\n…\\n</think>\\n\\nanswer`.
 
-    - A response that closes a block it never opened (R1's later template opens it in the prompt;
-      published rows often lose the tag) gets `<think>\\n` in front, as the original code does.
+    - A response that closes a block it never opened gets `<think>\\n` in front: SafeChain and
+      published rows trained on Qwen3 lost the opening tag (the paper's data loader adds it back).
+      Generated responses already carry it: generators put back the `<think>` a template opened.
     - `</think>` is followed by exactly one blank line.
     - An unclosed block is reported (closed=False), never raised: the caller counts and drops it.
     Non-reasoning families are returned stripped and unchanged otherwise.

@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.registry import FAMILIES, GUARDS, REFUSAL_JUDGE, grpo_run_name, paths_for_name, resolve_model
+from thinksafe.registry import (
+    FAMILIES,
+    GUARDS,
+    REFUSAL_JUDGE,
+    grpo_run_name,
+    parse_bool,
+    paths_for_name,
+    resolve_model,
+)
 from thinksafe.train.common import (
     TrainConfigError,
     add_common_args,
@@ -56,6 +64,9 @@ DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "max_grad_norm": 1.0,
     "loss_type": "grpo",  # the paper's choice; TRL 1.x defaults to "dapo"
+    # Two corrections TRL 1.x turns on that the paper's TRL 0.21 did not have (docs/grpo.md):
+    "use_bias_correction_kl": False,  # KL term times the importance ratio (DeepSeek-V3.2's unbiased KL)
+    "vllm_importance_sampling_correction": False,  # vLLM vs trainer log-prob ratio; TRL 1.x: sequence mask
     "gradient_checkpointing": True,
     "seed": 42,
     "logging_steps": 20,
@@ -68,6 +79,10 @@ GUARD_TEMPLATE_TOKENS = 2048
 SERVER_HOST = "127.0.0.1"
 COST_FILE = "cost.json"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _flag_bool(name: str):
+    return lambda value: parse_bool(value, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longer prompts are dropped (counted in run_info.json), never cut")
     parser.add_argument("--max-completion-length", type=positive_int("--max-completion-length"), default=None)
     parser.add_argument("--loss-type", default=None, help="TRL GRPO loss (grpo, dapo, dr_grpo, bnpo, ...)")
+    parser.add_argument("--use-bias-correction-kl", type=_flag_bool("--use-bias-correction-kl"), default=None,
+                        help="true|false: TRL's importance-weighted KL (default false: the paper's TRL 0.21 had none)")
+    parser.add_argument("--vllm-importance-sampling-correction", default=None,
+                        type=_flag_bool("--vllm-importance-sampling-correction"),
+                        help="true|false: TRL's correction of vLLM/trainer log-prob mismatch (default false: the "
+                             "paper's TRL 0.21 had none)")
     parser.add_argument("--warmup-ratio", type=float, default=None)
     parser.add_argument("--lr-scheduler-type", default=None)
     parser.add_argument("--max-grad-norm", type=float, default=None)
@@ -234,6 +255,8 @@ def grpo_config(args, paths, device: str, report_to: list[str], max_completion_l
         beta=args.beta,
         epsilon=args.epsilon,
         loss_type=args.loss_type,
+        use_bias_correction_kl=bool(args.use_bias_correction_kl),
+        vllm_importance_sampling_correction=bool(args.vllm_importance_sampling_correction),
         save_steps=args.save_steps,
         chat_template_kwargs=template_kwargs(family),
         **server,
@@ -307,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "beta": args.beta, "epsilon": args.epsilon, "temperature": args.temperature,
         "max_prompt_length": args.max_prompt_length, "max_completion_length": max_completion,
         "learning_rate": args.learning_rate, "loss_type": args.loss_type, "resumed_from": checkpoint,
+        "use_bias_correction_kl": bool(args.use_bias_correction_kl),
+        "vllm_importance_sampling_correction": bool(args.vllm_importance_sampling_correction),
         "cost": cost, "paths": paths.to_dict(),
     }
     info = finish_run(trainer, tokenizer, paths, info, started, full_model=args.full_finetune)

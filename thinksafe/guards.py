@@ -569,12 +569,13 @@ class LogprobGuard(_ModelGuard):
 
 class WildGuard(_ModelGuard):
     def render(self, prompt: str, response: str) -> str:
-        return wildguard_input(prompt, response)
+        """The model card's input: BOS text and format as one string, tokenised together.
 
-    def prefix_ids(self) -> list[int]:
-        # The format has no BOS of its own; the model card's input starts with `<s>`.
-        bos = self.tokenizer.bos_token_id
-        return [] if bos is None else [bos]
+        A SentencePiece tokenizer (WildGuard is Mistral-based) puts a word-start marker on text
+        that opens a string but not on text after `<s>`: prepending the BOS id to the format
+        tokenised alone would give `<|user|>` other tokens than the model was trained on.
+        """
+        return (self.tokenizer.bos_token or "") + wildguard_input(prompt, response)
 
     def _judge(self, prompts, responses):
         sequences, truncated = self.encode_inputs(prompts, responses)

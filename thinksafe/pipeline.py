@@ -164,7 +164,8 @@ def train(plan: dict) -> None:
     # `thinksafe train` derives the run name from the same registry call as the plan; we check it.
     args = ["--model", f"{plan['model_type']}/{plan['size']}", "--dataset", plan["dataset"],
             "--rank", plan["rank"], "--epochs", plan["epochs"], "--prompt-masking", plan["prompt_masking"],
-            "--use-kl", plan["use_kl"], "--kl-on-unfinished", plan["kl_on_unfinished"]]
+            "--use-kl", plan["use_kl"], "--kl-on-unfinished", plan["kl_on_unfinished"],
+            "--kl-weighting", plan["kl_weighting"]]
     args += options_to_flags(recipe_section(plan["model_type"], "train"))
     if plan["devices"] == "cpu" or plan["num_devices"] == "1":
         cmd = thinksafe_cmd("train", *args)

@@ -15,6 +15,7 @@ import sys
 
 from thinksafe.recipes import load_recipe
 from thinksafe.registry import (
+    DEFAULT_KL_WEIGHTING,
     GUARDS,
     REFUSAL_JUDGE,
     SELF_GENERATED,
@@ -85,6 +86,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     use_kl = parse_bool(given["use_kl"], "use_kl")
     # Like rank and epochs, from the family's recipe; the pipeline passes it to `train` explicitly.
     kl_on_unfinished = use_kl and parse_bool(recipe.get("kl_on_unfinished", False), "kl_on_unfinished")
+    kl_weighting = str(recipe.get("kl_weighting", DEFAULT_KL_WEIGHTING)) if use_kl else DEFAULT_KL_WEIGHTING
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
     devices = parse_devices(given["devices"], check_visible=check_devices)
     model = resolve_model(family.name, size)
@@ -93,7 +95,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
     cfg = RunConfig(model=model, dataset=given["dataset"], prompt_masking=prompt_masking, rank=rank,
-                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished)
+                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished, kl_weighting=kl_weighting)
     paths = run_paths(cfg)
     plan = {
         "devices": ",".join(devices),
@@ -106,6 +108,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         "dataset_source": dataset.source,
         "use_kl": str(use_kl).lower(),
         "kl_on_unfinished": str(kl_on_unfinished).lower(),
+        "kl_weighting": kl_weighting,
         "prompt_masking": str(prompt_masking).lower(),
         "rank": str(rank),
         "epochs": str(epochs),

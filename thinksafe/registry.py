@@ -246,6 +246,13 @@ def output_root() -> Path:
     return Path(os.environ.get("THINKSAFE_OUTPUT_DIR", "outputs"))
 
 
+# How rows and tokens weigh in a KL run's loss (thinksafe.train.kl): the paper's objective is the mean
+# over rows of each row's per-token mean; "token" weighs every loss token the same instead.
+ROW_WEIGHTING, TOKEN_WEIGHTING = "row", "token"
+KL_WEIGHTINGS = (ROW_WEIGHTING, TOKEN_WEIGHTING)
+DEFAULT_KL_WEIGHTING = ROW_WEIGHTING
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that names a training run (the positional arguments of train_and_eval.sh)."""
@@ -257,8 +264,11 @@ class RunConfig:
     use_kl: bool = False
     epochs: int = 3
     kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
+    kl_weighting: str = DEFAULT_KL_WEIGHTING  # with use_kl: KL_WEIGHTINGS
 
     def __post_init__(self):
+        if self.kl_weighting not in KL_WEIGHTINGS:
+            raise RegistryError(f"kl_weighting {self.kl_weighting!r} is unknown; choose one of: {', '.join(KL_WEIGHTINGS)}")
         for name in ("rank", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -267,7 +277,8 @@ class RunConfig:
 
 def run_name(cfg: RunConfig) -> str:
     """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
-    smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data).
+    smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data),
+    qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw (KL with token weighting instead of the paper's rows).
 
     The epoch suffix is always present (the paper's scripts added it in one place only).
     """
@@ -278,6 +289,8 @@ def run_name(cfg: RunConfig) -> str:
         parts.append("kl")
         if cfg.kl_on_unfinished:
             parts.append("unfinished")
+        if cfg.kl_weighting != DEFAULT_KL_WEIGHTING:
+            parts.append(f"{cfg.kl_weighting}w")  # another objective: another run
     return "_".join(parts)
 
 

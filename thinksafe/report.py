@@ -135,6 +135,12 @@ def columns(runs: dict) -> list[tuple[str, str, bool]]:
     return [(t, *seen[t]) for t in order_tasks(seen)]
 
 
+# How each cell of the paper's headline is reproduced, and what still differs. summary.md lives in
+# the results root, so the link points at this checkout's copy.
+PAPER_PAGE = "docs/paper.md"
+PAPER_PAGE_PATH = Path(__file__).resolve().parent.parent / PAPER_PAGE
+
+
 def markdown_table(runs: dict) -> str:
     cols = columns(runs)
     names = order_runs(runs)
@@ -151,6 +157,8 @@ def markdown_table(runs: dict) -> str:
         cells += [(v.cell() if (v := summaries[run][c]) else "–") for c in summary_cols]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Percentages with 95% Wilson intervals and the number of samples judged.",
+             f"Comparing with the paper's table: the command for each cell and the remaining departures "
+             f"are in [{PAPER_PAGE}]({PAPER_PAGE_PATH.as_uri()}).",
              *_provenance_notes(runs)]
     return "\n".join(lines + notes) + "\n"
 

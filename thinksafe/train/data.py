@@ -5,6 +5,8 @@ Each row becomes `input_ids` + `completion_mask` (thinksafe.chat.encode_for_trai
 prompt a token-exact prefix) + `kl` (1 on benign rows when the KL loss is on). TRL's SFTTrainer turns
 `completion_mask` into labels (-100 on the prompt) when `completion_only_loss` is set.
 
+Finished rows whose think block never closes are dropped and counted (`dropped_unclosed` in
+run_info.json): with an end-of-turn token after an open block they would teach stopping mid-thought.
 Rows with `finished: false` (benign samples cut at the token limit, synthesize
 --keep-unfinished-benign) are used only as KL rows and only with --kl-on-unfinished: they carry no
 end-of-turn token, and cross-entropy on them would teach the model to stop mid-answer.
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.registry import (
@@ -36,6 +41,8 @@ SAFE_RESPONSE_LABEL = "safe"
 KL_COLUMN = "kl"
 FINISHED_COLUMN = "finished"
 TOKENIZED_VERSION = 2  # bump when the tokenised format changes, so old caches are not reused
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ThinksafeError, ValueError):
@@ -101,6 +108,27 @@ def is_finished(record: dict) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no")
 
 
+# TianshengHuang/DirectRefusal (`direct-refusal`): one `refusal` column of "Question: ... Answer: ...";
+# the paper's loader splits it and puts a fixed think block before the answer. All rows are refusals.
+REFUSAL_COLUMN = "refusal"
+_QUESTION_ANSWER = re.compile(r"Question:\s*(.+?)\s*Answer:\s*(.+)", re.IGNORECASE | re.DOTALL)
+DIRECT_REFUSAL_THINK = "<think>\nI should not answer this question!\n</think>\n\n"
+DIRECT_REFUSAL_LABEL = "harmful"
+
+
+def from_refusal_column(records: list[dict], name: str) -> list[dict]:
+    """DirectRefusal rows -> instruction / response / prompt_label rows, as the paper parses them."""
+    parsed = []
+    for index, record in enumerate(records):
+        match = _QUESTION_ANSWER.search(str(record[REFUSAL_COLUMN] or ""))
+        if match is None:
+            raise DatasetError(f"dataset {name} row {index}: `{REFUSAL_COLUMN}` is not 'Question: ... Answer: ...'")
+        parsed.append({"instruction": match.group(1).strip(),
+                       "response": DIRECT_REFUSAL_THINK + match.group(2).strip(),
+                       "prompt_label": DIRECT_REFUSAL_LABEL})
+    return parsed
+
+
 def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl: bool = False) -> list[TrainRow]:
     """Validate columns, keep rows whose response is non-empty and judged safe (when labelled).
 
@@ -108,6 +136,8 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
     """
     if not records:
         raise DatasetError(f"dataset {name} is empty")
+    if REFUSAL_COLUMN in records[0] and not _pick(records[0], PROMPT_COLUMNS):
+        records = from_refusal_column(records, name)
     columns = set(records[0])
     prompt_col, response_col = _pick(columns, PROMPT_COLUMNS), _pick(columns, RESPONSE_COLUMNS)
     label_col = _pick(columns, LABEL_COLUMNS)
@@ -131,6 +161,25 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
         raise DatasetError(f"dataset {name} has no rows left after filtering (empty or unsafe responses, or "
                            "`finished: false` rows, used only with --use-kl --kl-on-unfinished)")
     return rows
+
+
+def drop_unclosed(rows: list[TrainRow], family) -> tuple[list[TrainRow], int]:
+    """(rows kept, rows dropped): a finished row whose think block never closes is dropped.
+
+    Hub and published sets hold such rows; trained as they are, each would end an open reasoning
+    block with the end-of-turn token and teach the model to stop mid-thought (the paper's loader
+    skips them too). Cut rows (`finished: false`, KL only) are the exception: no end-of-turn is
+    added to them. Synthesized data never holds one (synthesize drops them before the guard).
+    """
+    kept = [row for row in rows if not row.finished or _closes_its_block(row.response, family)]
+    return kept, len(rows) - len(kept)
+
+
+def _closes_its_block(response: str, family) -> bool:
+    from thinksafe.chat import normalize_response
+
+    normalized = normalize_response(response, family)
+    return normalized.closed or not normalized.has_think
 
 
 def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool) -> dict[str, list]:
@@ -192,9 +241,15 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
         return datasets.load_from_disk(str(target))
 
 
+class LoadedDataset(NamedTuple):
+    dataset: object  # datasets.Dataset, tokenised
+    spec: DatasetSpec
+    dropped_unclosed: int  # finished rows dropped because their think block never closes
+
+
 def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, cache_root: Path | None = None,
-                       kl_on_unfinished: bool = False):
-    """Everything from the --dataset argument to a tokenised Dataset; returns (dataset, spec).
+                       kl_on_unfinished: bool = False) -> LoadedDataset:
+    """Everything from the --dataset argument to a tokenised Dataset.
 
     With `use_kl` and `kl_on_unfinished`, a self-generated dataset also reads unfinished_benign.jsonl;
     other datasets contribute their own `finished: false` benign rows.
@@ -204,8 +259,13 @@ def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, 
     records = read_records(spec, source)
     if unfinished_as_kl and spec.kind == "self":
         records += read_records(spec, unfinished_benign_source(source))
-    rows = to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl)
-    return build_train_dataset(rows, tokenizer, model.family, use_kl, cache_root), spec
+    rows, dropped = drop_unclosed(to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl),
+                                  model.family)
+    if dropped:
+        logger.warning("%s: dropped %d row(s) whose think block never closes", dataset, dropped)
+    if not rows:
+        raise DatasetError(f"dataset {dataset} has no rows left: all {dropped} open a think block they never close")
+    return LoadedDataset(build_train_dataset(rows, tokenizer, model.family, use_kl, cache_root), spec, dropped)
 
 
 def make_collator(pad_token_id: int):

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from trl import SFTTrainer
 
+from thinksafe.registry import KL_WEIGHTINGS, ROW_WEIGHTING
 from thinksafe.train.data import KL_COLUMN
 
 IGNORE_INDEX = -100
@@ -46,37 +47,52 @@ def forward_kl_per_token(student_hidden: torch.Tensor, student_head, teacher_hid
     return divergence
 
 
-def combine_ce_kl(ce_term: torch.Tensor, kl_sum: torch.Tensor, n_kl_tokens: int, n_ce_rows: int, n_kl_rows: int,
-                  num_items_in_batch=None, token_scale: float = 1.0) -> torch.Tensor:
-    """One loss from the CE term (as TRL's SFTTrainer reduces it) and the summed per-token KL.
+def row_means_sum(token_losses: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """(sum over rows of each row's mean token loss, rows with at least one token).
 
-    With `num_items_in_batch` (loss tokens in the whole accumulated batch), TRL's CE term is
-    ce_sum / num_items_in_batch · token_scale, so the KL term is reduced the same way and the
-    two add up: a KL token weighs what a CE token weighs under gradient accumulation (the paper's
-    trainer ignored num_items_in_batch: bug 5). Without it the paper's row-weighted formula holds:
-    (ce_mean·n_ce + kl_mean·n_kl) / (n_ce + n_kl), with ce_term = ce_mean.
+    token_losses: [N] per-token losses; row_index: [N] the row (0..n_rows-1) each token belongs to.
     """
-    if num_items_in_batch is not None:
-        return ce_term + kl_sum / torch.as_tensor(num_items_in_batch, device=kl_sum.device).clamp(min=1) * token_scale
-    kl_mean = kl_sum / max(n_kl_tokens, 1)
-    # A batch of KL rows only has a CE mean over zero tokens (NaN): it must weigh nothing.
-    ce_part = ce_term * n_ce_rows if n_ce_rows else 0.0
-    return (ce_part + kl_mean * n_kl_rows) / max(n_ce_rows + n_kl_rows, 1)
+    sums = token_losses.new_zeros(n_rows).index_add(0, row_index, token_losses)
+    counts = torch.bincount(row_index, minlength=n_rows)
+    present = counts > 0
+    return (sums[present] / counts[present]).sum(), int(present.sum())
+
+
+def row_weighted_loss(row_means: torch.Tensor, rows_in_step: int, process_scale: int = 1) -> torch.Tensor:
+    """The paper's objective for one micro-batch: its rows' summed means / the rows of the whole step.
+
+    The paper's loss is (ce_mean·n_ce + kl_mean·n_kl)/(n_ce + n_kl) on micro-batches of one row, i.e.
+    the mean over rows of each row's per-token mean. Dividing by the rows of the accumulated,
+    all-process step (not of the micro-batch) keeps that mean under gradient accumulation, which
+    the paper's trainer did not (its bug 5); `process_scale` (the process count) undoes DDP's
+    averaging of the gradients over processes.
+    """
+    return row_means / max(rows_in_step, 1) * process_scale
+
+
+def token_weighted_loss(ce_sum: torch.Tensor, kl_sum: torch.Tensor, tokens_in_step, process_scale: int = 1):
+    """(CE sum + KL sum) / the loss tokens of the step: a KL token weighs what a CE token weighs."""
+    denominator = torch.as_tensor(tokens_in_step, device=kl_sum.device).clamp(min=1)
+    return (ce_sum + kl_sum) / denominator * process_scale
 
 
 @contextmanager
 def capture_output(module: torch.nn.Module):
-    """Keep the module's forward output (the backbone's last_hidden_state) for the KL term."""
+    """Keep the module's last forward output (`captured["output"]`) while the context is open."""
     captured = {}
 
     def hook(_module, _args, output):
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured["output"] = output
 
     handle = module.register_forward_hook(hook)
     try:
         yield captured
     finally:
         handle.remove()
+
+
+def last_hidden_state(output) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def _is_peft(model) -> bool:
@@ -92,16 +108,39 @@ class KLSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is KL(base ‖ model) on rows flagged `kl` and TRL's own CE on the rest.
 
     The base is the same network with the LoRA adapter disabled (no second copy of the weights);
-    for full fine-tuning pass `ref_model`, a frozen copy. Batches without KL rows take TRL's path
-    unchanged. CE and KL are logged separately (`ce_loss`, `kl_loss`, per-token means).
+    for full fine-tuning pass `ref_model`, a frozen copy. `weighting` (KL_WEIGHTINGS) says how
+    rows and tokens weigh: "row" (the paper's objective) or "token". CE per token comes from TRL's
+    fused LM head (its `log_probs`), so no full-vocabulary logits are built for either term. CE and
+    KL are logged separately (`ce_loss`, `kl_loss`, per-token means of the micro-batch).
     """
 
-    def __init__(self, *args, ref_model=None, **kwargs):
+    def __init__(self, *args, ref_model=None, weighting: str = ROW_WEIGHTING, **kwargs):
+        if weighting not in KL_WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose one of: {', '.join(KL_WEIGHTINGS)}")
         super().__init__(*args, **kwargs)
+        self.weighting = weighting
+        self.rows_in_step: int | None = None  # rows with a loss token in this optimizer step, all processes
+        if weighting == ROW_WEIGHTING:
+            if self.compute_loss_func is not None or self.label_smoother is not None:
+                raise ValueError("row weighting reads TRL's fused per-token log-probs: no compute_loss_func "
+                                 "or label smoothing")
+            self.loss_is_scaled_for_ga = True  # divided by the rows of the whole step, never again by the steps
         self.ref_model = ref_model
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
             self.ref_model = ref_model.to(self.accelerator.device)
+
+    # --- the rows of an optimizer step ----------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count the rows of the accumulated batch over all processes (the row weighting's divisor)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).sum()) for batch in batch_samples)
+        total = torch.tensor(local, device=device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(total[None]).sum()
+        self.rows_in_step = int(total)
+        return batch_samples, num_items_in_batch
 
     # --- the two forwards ---------------------------------------------------------------------
 
@@ -127,55 +166,70 @@ class KLSFTTrainer(SFTTrainer):
             hidden = backbone(**sub, use_cache=False).last_hidden_state
         return hidden, head
 
+    def _kl_tokens(self, model, student_hidden, teacher_hidden, teacher_head, kl_positions) -> torch.Tensor:
+        """[N] KL(base ‖ model) at the N loss positions of the KL rows (row-major order)."""
+        lm = causal_lm(self.accelerator.unwrap_model(model))
+        config = lm.config.get_text_config()
+        return forward_kl_per_token(
+            student_hidden[:, :-1][kl_positions],
+            lm.get_output_embeddings(),
+            teacher_hidden[:, :-1][kl_positions].to(student_hidden.dtype),
+            teacher_head,
+            logit_scale=getattr(config, "logit_scale", None) or 1.0,
+            softcap=getattr(config, "final_logit_softcapping", None),
+        )
+
     # --- the loss -----------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kl_rows = inputs.pop(KL_COLUMN, None)
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
-        token_scale = self.accelerator.num_processes if (
-            self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
-        if kl_rows is None or not bool(kl_rows.any()):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            ce = loss[0] if return_outputs else loss
-            self._log_ce(mode, ce, labels, num_items_in_batch, token_scale)
-            return loss
-
-        kl_rows = kl_rows.to(labels.device)
-        loss_positions = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts token t+1
+        kl_rows = (torch.zeros(len(labels), dtype=torch.bool) if kl_rows is None else kl_rows).to(labels.device)
+        has_kl = bool(kl_rows.any())
         ce_labels = labels.masked_fill(kl_rows[:, None], IGNORE_INDEX)
-        teacher_hidden, teacher_head = self._reference_hidden(model, inputs, kl_rows)
+        teacher_hidden, teacher_head = self._reference_hidden(model, inputs, kl_rows) if has_kl else (None, None)
 
-        with capture_output(self._backbone(model)) as captured:
+        with capture_output(self._backbone(model)) as backbone_out, \
+                capture_output(self.accelerator.unwrap_model(model)) as lm_out:
             ce_term = super().compute_loss(model, {**inputs, "labels": ce_labels}, False, num_items_in_batch)
-        student_hidden = captured["hidden"]
-        kl_positions = loss_positions[kl_rows]  # [n_kl, T-1]
-        config = causal_lm(self.accelerator.unwrap_model(model)).config.get_text_config()
-        kl_tokens = forward_kl_per_token(
-            student_hidden[kl_rows][:, :-1][kl_positions],
-            causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings(),
-            teacher_hidden[:, :-1][kl_positions].to(student_hidden.dtype),
-            teacher_head,
-            logit_scale=getattr(config, "logit_scale", None) or 1.0,
-            softcap=getattr(config, "final_logit_softcapping", None),
-        )
-        n_kl_rows = int(kl_rows.sum())
-        n_ce_rows = int((ce_labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
-        kl_sum = kl_tokens.sum()
-        loss = combine_ce_kl(ce_term, kl_sum, kl_tokens.numel(), n_ce_rows, n_kl_rows, num_items_in_batch,
-                             token_scale)
-        if n_ce_rows:
-            self._log_ce(mode, ce_term, ce_labels, num_items_in_batch, token_scale)
-        if kl_tokens.numel():
-            self._metrics[mode]["kl_loss"].append((kl_sum / kl_tokens.numel()).item())
+        ce_tokens = -lm_out["output"].log_probs  # [B, T-1], zero where the label is -100
+        ce_positions = ce_labels[:, 1:] != IGNORE_INDEX
+        kl_positions = (labels[:, 1:] != IGNORE_INDEX) & kl_rows[:, None]
+        kl_tokens = (self._kl_tokens(model, last_hidden_state(backbone_out["output"])[kl_rows], teacher_hidden,
+                                     teacher_head, kl_positions[kl_rows])
+                     if has_kl else ce_tokens.new_zeros(0))
+
+        if self.weighting == ROW_WEIGHTING:
+            loss = self._row_loss(ce_tokens, ce_positions, kl_tokens, kl_positions)
+        elif num_items_in_batch is None:  # no step count (evaluation): this micro-batch's tokens
+            loss = token_weighted_loss(ce_tokens[ce_positions].sum(), kl_tokens.sum(),
+                                       int(ce_positions.sum()) + kl_tokens.numel())
+        else:  # TRL's CE is already ce_sum / num_items_in_batch, scaled for the processes
+            loss = ce_term + token_weighted_loss(torch.zeros_like(ce_term), kl_tokens.sum(), num_items_in_batch,
+                                                 self._process_scale(num_items_in_batch))
+        self._log_means(mode, ce_tokens[ce_positions], kl_tokens)
         return (loss, None) if return_outputs else loss
 
-    def _log_ce(self, mode: str, ce_term, labels, num_items_in_batch, token_scale) -> None:
-        """Per-token CE mean of this micro-batch, whatever reduction TRL applied."""
-        n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if not n_tokens:
-            return
-        value = ce_term.detach().float()
-        if num_items_in_batch is not None:
-            value = value * float(num_items_in_batch) / token_scale / n_tokens
-        self._metrics[mode]["ce_loss"].append(value.item())
+    def _process_scale(self, num_items_in_batch) -> int:
+        """TRL multiplies its CE by the process count when the step's tokens were counted on all of them."""
+        return self.accelerator.num_processes if (
+            self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
+
+    def _row_loss(self, ce_tokens, ce_positions, kl_tokens, kl_positions) -> torch.Tensor:
+        """Each row's per-token mean (CE or KL), summed, over the rows of the step (training) or micro-batch."""
+        n_rows = ce_positions.size(0)
+        ce_rows = ce_positions.nonzero()[:, 0]
+        kl_rows = kl_positions.nonzero()[:, 0]
+        tokens = torch.cat([ce_tokens[ce_positions], kl_tokens.to(ce_tokens.dtype)])
+        row_index = torch.cat([ce_rows, kl_rows + n_rows])  # CE and KL rows are disjoint: keep them apart anyway
+        row_means, local_rows = row_means_sum(tokens, row_index, 2 * n_rows)
+        if self.model.training and self.rows_in_step is not None:
+            return row_weighted_loss(row_means, self.rows_in_step, self.accelerator.num_processes)
+        return row_weighted_loss(row_means, local_rows)
+
+    def _log_means(self, mode: str, ce_tokens: torch.Tensor, kl_tokens: torch.Tensor) -> None:
+        if ce_tokens.numel():
+            self._metrics[mode]["ce_loss"].append(ce_tokens.detach().float().mean().item())
+        if kl_tokens.numel():
+            self._metrics[mode]["kl_loss"].append(kl_tokens.detach().float().mean().item())

@@ -11,7 +11,15 @@ import argparse
 import logging
 import time
 
-from thinksafe.registry import RunConfig, parse_bool, resolve_model, run_paths
+from thinksafe.registry import (
+    DEFAULT_KL_WEIGHTING,
+    KL_WEIGHTINGS,
+    TOKEN_WEIGHTING,
+    RunConfig,
+    parse_bool,
+    resolve_model,
+    run_paths,
+)
 from thinksafe.train.common import (
     TrainConfigError,
     add_common_args,
@@ -44,6 +52,7 @@ DEFAULTS = {
     "seed": 42,
     "logging_steps": 1,
     "kl_on_unfinished": False,
+    "kl_weighting": DEFAULT_KL_WEIGHTING,
 }
 
 
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=None,
                         help="with --use-kl: also train KL on benign samples cut at the token limit "
                              "(unfinished_benign.jsonl from synthesize --keep-unfinished-benign); ignored without KL")
+    parser.add_argument("--kl-weighting", choices=KL_WEIGHTINGS, default=None,
+                        help="with --use-kl: 'row' (default, the paper's objective: the mean over the rows of a step "
+                             "of each row's per-token mean, CE or KL) or 'token' (every loss token weighs the same)")
     parser.add_argument("--max-length", type=positive_int("--max-length"), default=None)
     parser.add_argument("--warmup-ratio", type=float, default=None)
     parser.add_argument("--lr-scheduler-type", default=None)
@@ -104,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     args, spec = parse_args(argv)
     cfg = RunConfig(model=spec, dataset=args.dataset, prompt_masking=bool(args.prompt_masking),
                     rank=args.rank, use_kl=bool(args.use_kl), epochs=args.epochs,
-                    kl_on_unfinished=bool(args.use_kl and args.kl_on_unfinished))
+                    kl_on_unfinished=bool(args.use_kl and args.kl_on_unfinished),
+                    kl_weighting=args.kl_weighting if args.use_kl else DEFAULT_KL_WEIGHTING)
     paths = run_paths(cfg)
     device = args.device or default_device()
     distributed_state(device)  # before anything asks which process is the main one
     prepare_run_dir(paths, args.overwrite)
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
-    dataset, dataset_spec = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
-                                               kl_on_unfinished=cfg.kl_on_unfinished)
+    dataset, dataset_spec, dropped_unclosed = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
+                                                                 kl_on_unfinished=cfg.kl_on_unfinished)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
@@ -133,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=make_collator(tokenizer.pad_token_id),
         peft_config=peft_config,
         ref_model=ref_model,
+        # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
+        weighting=cfg.kl_weighting if cfg.use_kl else TOKEN_WEIGHTING,
     )
     checkpoint = resume_checkpoint(paths, args.resume)
     if checkpoint:
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=checkpoint)
     info = {
         "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": dataset_spec.kind,
-        "rows": len(dataset), "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "rows": len(dataset), "dropped_unclosed": dropped_unclosed, "kl_rows": n_kl,
+        "kl_on_unfinished": cfg.kl_on_unfinished, "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
         "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
         "rank": cfg.rank, "epochs": cfg.epochs, "full_finetune": args.full_finetune, "resumed_from": checkpoint,
         "effective_batch_size": args.effective_batch_size, "learning_rate": args.learning_rate,
