@@ -160,11 +160,11 @@ def test_trl_corrections_the_paper_did_not_have_are_off(model, prompts_file, tmp
 
     assert GRPOConfig.use_bias_correction_kl and GRPOConfig.vllm_importance_sampling_correction  # TRL's defaults
     args, spec = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8"])
-    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64)
+    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64, spec.family)
     assert config.use_bias_correction_kl is False and config.vllm_importance_sampling_correction is False
     args, _ = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8",
                           "--use-bias-correction-kl", "true", "--vllm-importance-sampling-correction", "true"])
-    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64)
+    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64, spec.family)
     assert config.use_bias_correction_kl is True and config.vllm_importance_sampling_correction is True
 
 
@@ -289,12 +289,19 @@ def fake_tools(tmp_path):
     bin_dir, out = tmp_path / "bin", tmp_path / "fake"
     bin_dir.mkdir()
     out.mkdir()
-    for name, source in (("trl", FAKE_SERVER), ("vllm", FAKE_SERVER), ("accelerate", FAKE_ACCELERATE)):
+    for name, source in (("trl", FAKE_SERVER), ("accelerate", FAKE_ACCELERATE)):
         tool = bin_dir / name
         tool.write_text(f"#!{sys.executable}\n{source}")
         tool.chmod(0o755)
+    # The guard server is started as `python -m vllm.entrypoints.openai.api_server`: a stand-in module
+    # of that name, first on PYTHONPATH, only for the processes the script starts.
+    module = tmp_path / "pyfake" / "vllm" / "entrypoints" / "openai"
+    module.mkdir(parents=True)
+    for package in (module.parent.parent, module.parent, module):
+        (package / "__init__.py").write_text("")
+    (module / "api_server.py").write_text(f"import sys\nsys.argv[0] = 'vllm'\n{FAKE_SERVER}")
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_DIR": str(out),
-           "THINKSAFE_OUTPUT_DIR": str(tmp_path / "outputs")}
+           "THINKSAFE_OUTPUT_DIR": str(tmp_path / "outputs"), "PYTHONPATH": str(tmp_path / "pyfake")}
     return out, env
 
 
@@ -320,7 +327,7 @@ def test_grpo_sh_server_mode_starts_waits_trains_and_stops_servers(fake_tools, p
     launched = (out / "accelerate.args").read_text().splitlines()
     assert trl_args[:3] == ["vllm-serve", "--model", "Qwen/Qwen3-0.6B"]
     assert trl_args[trl_args.index("--max_model_len") + 1] == "17408"
-    assert vllm_args[:2] == ["serve", "meta-llama/Llama-Guard-3-8B"]
+    assert vllm_args[:2] == ["--model", "meta-llama/Llama-Guard-3-8B"]
     policy_port, guard_port = trl_args[trl_args.index("--port") + 1], vllm_args[vllm_args.index("--port") + 1]
     assert policy_port != guard_port
     assert launched[0] == "launch" and launched[launched.index("--num_processes") + 1] == "2"
