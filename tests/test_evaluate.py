@@ -268,7 +268,7 @@ class FakeGenerator:
     def __init__(self):
         self.calls: list[tuple[list[str], int]] = []
 
-    def chat(self, prompts, sampling, enable_thinking=True):
+    def chat(self, prompts, sampling, enable_thinking=True, progress=None):
         self.calls.append((list(prompts), sampling.n))
         return [[Completion(f"{p}#{i}", True, 3) for i in range(sampling.n)] for p in prompts]
 

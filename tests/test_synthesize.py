@@ -51,7 +51,7 @@ class ScriptedGenerator(Generator):
         self.script, self.finished, self.fail_on_call = script, finished, fail_on_call
         self.calls: list[list[str]] = []
 
-    def chat(self, prompts, sampling, enable_thinking=True):
+    def chat(self, prompts, sampling, enable_thinking=True, progress=None):
         """As Generator.chat: what the prompt opened of the response (R1: `<think>\\n`) comes first."""
         ids = self.prompt_ids(prompts, enable_thinking)
         texts = [self.tokenizer.decode(i) for i in ids]

@@ -76,17 +76,19 @@ class Generator:
     def prompt_ids(self, prompts: list[str], enable_thinking: bool = True) -> list[list[int]]:
         return [generation_prompt_ids(self.tokenizer, p, self.family, enable_thinking) for p in prompts]
 
-    def chat(self, prompts: list[str], sampling: Sampling, enable_thinking: bool = True) -> list[list[Completion]]:
-        """User prompts in, `sampling.n` completions per prompt out."""
+    def chat(self, prompts: list[str], sampling: Sampling, enable_thinking: bool = True,
+             progress=None) -> list[list[Completion]]:
+        """User prompts in, `sampling.n` completions per prompt out; `progress` (thinksafe.progress.Progress)
+        counts samples as they finish."""
         if not prompts:
             return []
         ids = self.prompt_ids(prompts, enable_thinking)
         eos = self.eos_ids()
-        outputs = self._generate(ids, sampling)
+        outputs = self._generate(ids, sampling, progress)
         return [[completion_from_ids(sample, eos, self.tokenizer, opened_think(self.tokenizer, prompt_ids))
                  for sample in samples] for prompt_ids, samples in zip(ids, outputs)]
 
-    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         raise NotImplementedError
 
 
@@ -109,7 +111,7 @@ class HFGenerator(Generator):
 
         return eos_token_ids(self.model.generation_config, self.tokenizer)
 
-    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         import torch
 
         torch.manual_seed(sampling.seed)
@@ -135,6 +137,8 @@ class HFGenerator(Generator):
                 )
             for row, index in zip(out[:, ids.shape[1] :].tolist(), batch):
                 results[index].append(row)
+            if progress is not None:
+                progress.update(len(batch))
         return results
 
 
@@ -194,8 +198,10 @@ class VLLMGenerator(Generator):
 
         self.lora_request = LoRARequest("adapter", 1, adapter_dir)
 
-    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         from vllm import SamplingParams
+
+        from thinksafe.progress import vllm_progress
 
         params = SamplingParams(
             n=sampling.n,
@@ -208,7 +214,7 @@ class VLLMGenerator(Generator):
             skip_special_tokens=False,
         )
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=vllm_progress(progress))
         return [[list(o.token_ids) for o in request.outputs] for request in outputs]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from thinksafe.chat import normalize_response
 from thinksafe.errors import ThinksafeError
+from thinksafe.progress import Progress
 from thinksafe.generation import BACKENDS, Completion, Generator
 from thinksafe.io import ResumableLog, atomic_write_json, atomic_write_jsonl
 from thinksafe.models import free_accelerator_memory
@@ -201,20 +202,18 @@ def generation_chunk_size(cfg: SynthConfig, backend_name: str) -> int:
 def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Generator, log: ResumableLog,
                      timer: PhaseTimer) -> None:
     """Generate every (prompt, sample) not yet in the log, one fsynced chunk at a time."""
-    from tqdm.auto import tqdm
-
     n = cfg.sampling.n
     position = {p.id: i for i, p in enumerate(prompts)}
     todo = [p for p in prompts if any(sample_key(p.id, s) not in log.done for s in range(n))]
     timer.resumed = len(prompts) - len(todo)
     size = generation_chunk_size(cfg, generator.name)
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="generate", unit="prompt") as bar:
+    with Progress("generate", len(todo) * n, "samples") as progress:
         for chunk in chunks(todo, size):
             # A seed per chunk, from its first prompt's position: a resumed chunk samples as before.
             sampling = cfg.sampling.replace(seed=cfg.sampling.seed + position[chunk[0].id])
             steered = [steer(p.instruction, p.harmful, cfg.steer_prefix) for p in chunk]
-            outputs = generator.chat(steered, sampling, enable_thinking=True)
+            outputs = generator.chat(steered, sampling, enable_thinking=True, progress=progress)
             rows = []
             for prompt, completions in zip(chunk, outputs):
                 for sample, completion in enumerate(completions[:n]):
@@ -225,26 +224,23 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
                     timer.tokens += completion.num_tokens
             log.append(rows)
             timer.items += len(chunk)
-            bar.update(len(chunk))
     timer.wall_s = time.perf_counter() - start
 
 
 def judge_missing(cfg: SynthConfig, candidates: list[tuple[PromptRow, dict]], guard, log: ResumableLog,
                   timer: PhaseTimer) -> None:
     """Judge every complete generation not yet in the judged log; the guard sees the original prompt."""
-    from tqdm.auto import tqdm
-
     todo = [(p, g) for p, g in candidates if g["key"] not in log.done]
     timer.resumed = len(candidates) - len(todo)
     size = TEXT_JUDGE_CHUNK if uses_refusal_filter(guard.name) else cfg.guard_batch_size * JUDGE_CHUNK_BATCHES
     tokens_before = guard.input_tokens
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="judge", unit="row") as bar:
+    with Progress("judge", len(todo), "rows") as progress:
         for chunk in chunks(todo, size):
             verdicts = guard.judge([p.instruction for p, _ in chunk], [g["response"] for _, g in chunk])
             log.append({"key": g["key"], **v.to_dict()} for (_, g), v in zip(chunk, verdicts))
             timer.items += len(chunk)
-            bar.update(len(chunk))
+            progress.update(len(chunk))
     timer.wall_s = time.perf_counter() - start
     timer.tokens = guard.input_tokens - tokens_before
 

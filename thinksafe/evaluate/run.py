@@ -24,6 +24,7 @@ from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate import skythought
 from thinksafe.evaluate.metrics import mean_pass_at_1, rate
 from thinksafe.evaluate.reasoning import check_answer
+from thinksafe.progress import Progress
 from thinksafe.evaluate.safety import judged_text, safety_metrics
 from thinksafe.evaluate.tasks import DATA_SOURCES, EvalItem, TaskSpec, expand_tasks, get_task, load_items
 from thinksafe.models import free_accelerator_memory
@@ -211,17 +212,18 @@ def generate_job(generator, job: Job, chunk_size: int) -> None:
         return
     logger.info("%s: generating %d prompts x %d samples (%d rows resumed)", job.task.name, len(pending),
                 job.sampling.n, job.resumed_rows)
-    for start in range(0, len(pending), chunk_size):
-        chunk = pending[start : start + chunk_size]
-        for missing, group in _group_by_missing(chunk, have, job.sampling.n).items():
-            outputs = generator.chat([item.prompt for item in group], job.sampling.replace(n=missing),
-                                     enable_thinking=True)
-            log.append(
-                {"id": item.id, "sample": have[item.id] + j, "prompt": item.prompt, "response": c.text,
-                 "finished": c.finished, "num_tokens": c.num_tokens, "sampling": signature}
-                for item, completions in zip(group, outputs) for j, c in enumerate(completions)
-            )
-        logger.info("%s: %d / %d prompts done", job.task.name, min(start + chunk_size, len(pending)), len(pending))
+    total = sum(job.sampling.n - have[item.id] for item in pending)
+    with Progress(f"{job.task.name}: generate", total, "samples") as progress:
+        for start in range(0, len(pending), chunk_size):
+            chunk = pending[start : start + chunk_size]
+            for missing, group in _group_by_missing(chunk, have, job.sampling.n).items():
+                outputs = generator.chat([item.prompt for item in group], job.sampling.replace(n=missing),
+                                         enable_thinking=True, progress=progress)
+                log.append(
+                    {"id": item.id, "sample": have[item.id] + j, "prompt": item.prompt, "response": c.text,
+                     "finished": c.finished, "num_tokens": c.num_tokens, "sampling": signature}
+                    for item, completions in zip(group, outputs) for j, c in enumerate(completions)
+                )
 
 
 def _group_by_missing(items: list[EvalItem], have: Counter, n: int) -> dict[int, list[EvalItem]]:

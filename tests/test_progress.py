@@ -1,0 +1,38 @@
+"""Live progress lines: done/total, rate and ETA, printed at most every few seconds and at the end."""
+
+import io
+
+from thinksafe.generation import HFGenerator
+from thinksafe.progress import Progress, format_seconds
+from thinksafe.registry import FAMILIES
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_lines_give_done_total_rate_and_eta_at_most_every_interval():
+    clock, out = Clock(), io.StringIO()
+    with Progress("generate", 100, "samples", every_s=10, stream=out, clock=clock) as progress:
+        clock.now = 5.0
+        progress.update(10)  # too soon: nothing printed
+        clock.now = 20.0
+        progress.update(30)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "generate: 40/100 samples (40%), 2.00 samples/s, elapsed 20s, ETA 30s"
+    assert len(lines) == 2 and lines[1].startswith("generate: 40/100 samples")  # the closing line
+    assert format_seconds(3725) == "1h02m" and format_seconds(125) == "2m05s"
+
+
+def test_transformers_generation_reports_every_sample_batch_by_batch(tiny_qwen3):
+    out = io.StringIO()
+    generator = HFGenerator(str(tiny_qwen3), FAMILIES["qwen"], device="cpu", batch_size=2)
+    sampling = FAMILIES["qwen"].sampling.replace(max_new_tokens=3, n=3)
+    progress = Progress("generate", 9, "samples", every_s=0, stream=out)
+    generator.chat(["a", "b", "c"], sampling, progress=progress)
+    done = [line.split(":")[1].split("/")[0].strip() for line in out.getvalue().splitlines()]
+    assert done == ["2", "4", "6", "8", "9"]  # one line per batch of 2 samples, the last batch of 1
