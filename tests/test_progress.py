@@ -36,3 +36,24 @@ def test_transformers_generation_reports_every_sample_batch_by_batch(tiny_qwen3)
     generator.chat(["a", "b", "c"], sampling, progress=progress)
     done = [line.split(":")[1].split("/")[0].strip() for line in out.getvalue().splitlines()]
     assert done == ["2", "4", "6", "8", "9"]  # one line per batch of 2 samples, the last batch of 1
+
+
+def test_cpu_threads_leave_the_cores_other_processes_run_on(monkeypatch):
+    from thinksafe import models
+
+    monkeypatch.delenv(models.THREADS_ENV, raising=False)
+    monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(models, "runnable_processes", lambda: 1)  # only this process
+    assert models.cpu_threads() == 4
+    monkeypatch.setattr(models, "runnable_processes", lambda: 3)  # two others running
+    assert models.cpu_threads() == 2
+    monkeypatch.setattr(models, "runnable_processes", lambda: 9)
+    assert models.cpu_threads() == 1
+    monkeypatch.setenv(models.THREADS_ENV, "3")
+    assert models.cpu_threads() == 3
+
+
+def test_run_queue_is_read_from_proc():
+    from thinksafe.models import runnable_processes
+
+    assert runnable_processes(samples=3, interval_s=0.0) >= 1  # this process is running while it reads

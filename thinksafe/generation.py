@@ -114,6 +114,10 @@ class HFGenerator(Generator):
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         import torch
 
+        from thinksafe.models import use_idle_cpu_threads
+
+        if self.model.device.type == "cpu":
+            use_idle_cpu_threads()  # per call (a chunk): the machine's load changes during a long phase
         torch.manual_seed(sampling.seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids()[0]
         results: list[list[list[int]]] = [[] for _ in prompt_ids]

@@ -148,6 +148,54 @@ def load_model(source: str, device: str | None = None, dtype=None, trust_remote_
     return model.to(device).eval()
 
 
+# --- CPU threads ----------------------------------------------------------------------------
+
+THREADS_ENV = "THINKSAFE_CPU_THREADS"  # a fixed thread count, for whoever knows better
+_RUN_QUEUE_SAMPLES = 5
+
+
+def runnable_processes(samples: int = _RUN_QUEUE_SAMPLES, interval_s: float = 0.05) -> int:
+    """The median of the instantaneous run queue (/proc/loadavg's running count, this process included);
+    not the load average, which still counts the pipeline's previous stage for a minute."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return 1
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return int(statistics.median(counts))
+
+
+def cpu_threads() -> int:
+    """Torch threads for CPU work: the cores no other process is running on, at least one.
+
+    torch's OpenMP threads wait for each other at every parallel region; with a thread per core and
+    another process on one of the cores, every region waits for the thread that is not scheduled.
+    Measured here (bench/generation.py): transformers generation on the demo model ran several times
+    slower with two threads than with one while other processes kept the cores busy."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    others = max(0, runnable_processes() - 1)
+    return max(1, cores - others)
+
+
+def use_idle_cpu_threads() -> int:
+    """Set torch's thread count from cpu_threads() (called when CPU work starts: a load, a batch chunk)."""
+    import torch
+
+    threads = cpu_threads()
+    if threads != torch.get_num_threads():
+        logger.info("CPU threads: %d -> %d (cores not busy with other processes)", torch.get_num_threads(), threads)
+        torch.set_num_threads(threads)
+    return threads
+
+
 def eos_token_ids(generation_config, tokenizer) -> list[int]:
     """Every id that ends a turn: the generation config's list (Qwen3 has two) plus the tokenizer's."""
     ids = getattr(generation_config, "eos_token_id", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from thinksafe.registry import (
@@ -107,7 +108,7 @@ def training_arguments(args, paths, device: str, report_to: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from thinksafe.models import default_device, default_dtype, load_model, load_tokenizer
+    from thinksafe.models import default_device, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
     from thinksafe.tracking import configure_wandb
     from thinksafe.train.data import load_train_dataset, make_collator
     from thinksafe.train.kl import KLSFTTrainer
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
+    if device == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1":
+        use_idle_cpu_threads()  # a busy machine degrades gracefully (thinksafe.models.cpu_threads)
     model = load_model(spec.source, device="cpu", dtype=default_dtype(device))  # the trainer places it
     peft_config = None if args.full_finetune else lora_config(
         args.rank, args.lora_alpha, args.lora_dropout, args.target_modules)
