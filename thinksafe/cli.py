@@ -25,6 +25,10 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
 def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: thinksafe <stage> [options]   (thinksafe <stage> --help for a stage's options)", "", "stages:"]
@@ -51,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     except ThinksafeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every stage writes through resumable logs and atomic renames: the state on disk is valid.
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+        # Filesystem refusals a stage did not foresee (a read-only cache, a file where a dir belongs).
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or type(err).__name__}{where}"
 
 
 if __name__ == "__main__":
