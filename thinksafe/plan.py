@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -42,6 +43,19 @@ class PlanError(RegistryError):
     pass
 
 
+# Overrides torch's count of visible GPUs: planning for another machine (and the tests, which have none).
+GPU_COUNT_ENV = "THINKSAFE_GPU_COUNT"
+
+
+def visible_gpu_count() -> int:
+    override = os.environ.get(GPU_COUNT_ENV, "").strip()
+    if override:
+        return parse_positive_int(override, GPU_COUNT_ENV) if override != "0" else 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def parse_devices(value: str, check_visible: bool = True, name: str = "devices") -> list[str]:
     """`cpu` or a comma list of GPU indices visible to torch; errors name the argument `name`."""
     if value == "cpu":
@@ -52,9 +66,7 @@ def parse_devices(value: str, check_visible: bool = True, name: str = "devices")
     if len(set(ids)) != len(ids):
         raise PlanError(f"{name} lists a GPU twice: {value!r}")
     if check_visible:
-        import torch
-
-        visible = torch.cuda.device_count()
+        visible = visible_gpu_count()
         missing = [i for i in ids if int(i) >= visible]
         if missing:
             raise PlanError(

@@ -248,6 +248,17 @@ def output_root() -> Path:
     return Path(os.environ.get("THINKSAFE_OUTPUT_DIR", "outputs"))
 
 
+# LoRA ranks above this are a typo (1e23 once planned fine and failed after synthesis); the largest
+# hidden size among the registry's models is 8192 (R1-Distill-Llama-70B).
+MAX_LORA_RANK = 8192
+
+
+def check_lora_rank(rank: int, name: str = "rank") -> int:
+    if rank > MAX_LORA_RANK:
+        raise RegistryError(f"{name} must be at most {MAX_LORA_RANK} (no model here is wider), got {rank}")
+    return rank
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that names a training run (the positional arguments of train_and_eval.sh)."""
@@ -259,17 +270,20 @@ class RunConfig:
     use_kl: bool = False
     epochs: int = 3
     kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
+    max_steps: int | None = None  # a run cut short by --max-steps is not the full epN run: named apart
 
     def __post_init__(self):
         for name in ("rank", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RegistryError(f"{name} must be a positive integer, got {value!r}")
+        check_lora_rank(self.rank)
 
 
 def run_name(cfg: RunConfig) -> str:
     """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
-    smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data).
+    smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data),
+    ..._ep3_mask_steps2 (stopped by --max-steps: never mistaken for the finished ep3 run).
 
     The epoch suffix is always present (the paper's scripts added it in one place only).
     """
@@ -280,6 +294,8 @@ def run_name(cfg: RunConfig) -> str:
         parts.append("kl")
         if cfg.kl_on_unfinished:
             parts.append("unfinished")
+    if cfg.max_steps:
+        parts.append(f"steps{cfg.max_steps}")
     return "_".join(parts)
 
 
@@ -379,6 +395,7 @@ __all__ = [
     "EVAL_MAX_NEW_TOKENS",
     "FAMILIES",
     "GUARDS",
+    "MAX_LORA_RANK",
     "MODEL_TYPES",
     "REFUSAL_JUDGE",
     "SELF_GENERATED",
@@ -392,6 +409,7 @@ __all__ = [
     "Sampling",
     "base_paths",
     "base_run_name",
+    "check_lora_rank",
     "family_for_model",
     "get_family",
     "grpo_run_name",
