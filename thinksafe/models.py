@@ -123,13 +123,25 @@ def require_tokenizer_files(path: str, source: str) -> None:
                              "tokenizer.save_pretrained(dir), or pass the base model")
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def check_model_source(source: str) -> None:
     """Everything about a model argument that can be checked without loading it (stages call this
-    before any work): a path that does not exist, a directory without a tokenizer."""
+    before any work): a path that does not exist, a directory without a tokenizer, and, offline, a
+    hub id that is not in the local cache (instead of dozens of retry lines after generation)."""
     if source == "demo":
         return
     path = resolve_model_path(source)
-    require_tokenizer_files(path, source)
+    if Path(path).exists():
+        require_tokenizer_files(path, source)
+    elif hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise ModelLoadError(f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                                 f"download it first (huggingface-cli download {source}) or unset HF_HUB_OFFLINE")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, require_template: bool = True):
