@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from thinksafe.cli import INTERRUPTED, main as cli
+from thinksafe.cli import main as cli
 from thinksafe.registry import RunConfig, resolve_model, run_paths
 
 ROOT = Path(__file__).resolve().parent.parent
+INTERRUPTED = "interrupted; rerun the same command to resume"  # thinksafe.cli.INTERRUPTED, the contract
 FAST_TRAIN = ["--rank", "4", "--epochs", "1", "--effective-batch-size", "2", "--per-device-batch-size", "2",
               "--learning-rate", "1e-2", "--warmup-ratio", "0", "--max-length", "128", "--report-to", "none",
               "--device", "cpu"]
