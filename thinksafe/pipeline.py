@@ -21,7 +21,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.plan import POSITIONAL, resolve_plan
-from thinksafe.recipes import load_recipe
+from thinksafe.recipes import recipe_section
 from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
 
 REASONING_TASKS = ("aime24", "gpqa_diamond", "math500", "gsm8k")
@@ -31,19 +31,6 @@ POLL_SECONDS = 2.0
 
 class StepFailed(ThinksafeError):
     pass
-
-
-def recipe_section(family: str, stage: str) -> dict:
-    """The recipe section for a stage; THINKSAFE_RECIPE (a YAML file) overrides the family's."""
-    override = os.environ.get("THINKSAFE_RECIPE")
-    if override:
-        import yaml
-
-        path = Path(override)
-        if not path.exists():
-            raise ThinksafeError(f"THINKSAFE_RECIPE={override}: file not found")
-        return dict((yaml.safe_load(path.read_text()) or {}).get(stage) or {})
-    return load_recipe(family, stage)
 
 
 def options_to_flags(options: dict, skip: tuple[str, ...] = ()) -> list[str]:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from thinksafe.recipes import load_recipe
+from thinksafe.recipes import load_recipe, recipe_section
 from thinksafe.registry import (
     GUARDS,
     REFUSAL_JUDGE,
@@ -104,8 +104,11 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         dataset = resolve_dataset(given["dataset"], family)
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
+    # A recipe that stops training early (the tests' tiny one) names its run apart, as `train` does.
+    early_stop = int(recipe_section(family.name, "train").get("max_steps", -1))
+    max_steps = early_stop if early_stop > 0 else None
     cfg = RunConfig(model=model, dataset=given["dataset"], prompt_masking=prompt_masking, rank=rank,
-                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished)
+                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished, max_steps=max_steps)
     paths = run_paths(cfg)
     plan = {
         "devices": ",".join(devices),
