@@ -3,7 +3,9 @@
 Long stages (synthesis, evaluation) append finished rows to a `*.partial.jsonl` log, flushed and
 fsynced per chunk, so killing the process loses at most the chunk in flight. A rerun reads the log,
 skips keys already done and never duplicates a row; a half-written last line (the process died
-mid-write) is dropped. The final file is written atomically (temp file + rename).
+mid-write) is dropped. The final file is written atomically (temp file + rename), with the mode
+the umask gives (not mkstemp's 0600). A result made of several files (a run, a task's results, a
+synthesized set) is built in a staging directory beside the old one and swapped in last.
 """
 
 from __future__ import annotations

@@ -223,13 +223,13 @@ def prepare_run_dir(paths: RunPaths, overwrite: bool, record: dict | None = None
     if work is paths and is_finished(paths):
         if differences:
             raise TrainConfigError(f"{paths.run_dir} holds a finished run with other data or settings: "
-                                   f"{differences}; pass --overwrite to replace it")
+                                   f"{differences}; pass --overwrite to `thinksafe train` to replace it")
         if skip_finished:
             return None
         raise TrainConfigError(f"{paths.run_dir} already holds a finished run; pass --overwrite to replace it")
     if work is paths and differences and has_checkpoints(paths):
         raise TrainConfigError(f"{paths.run_dir} holds an unfinished run with other data or settings: "
-                               f"{differences}; pass --overwrite to start over")
+                               f"{differences}; pass --overwrite to `thinksafe train` to start over")
     stale = work is not paths and record_differences(read_run_record(work.run_dir), record)
     state = distributed_state()
     state.wait_for_everyone()  # every process decided from the same files before the main one writes
