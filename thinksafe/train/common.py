@@ -86,19 +86,31 @@ def with_recipe(args: argparse.Namespace, recipe: dict, defaults: dict) -> argpa
     return check_ranges(args)
 
 
+def _number(args: argparse.Namespace, key: str) -> float | None:
+    """An option's value as a number (a recipe may hold `1e-5`, which YAML reads as a string)."""
+    value = getattr(args, key, None)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"--{key.replace('_', '-')} must be a number, got {value!r}") from None
+
+
 def check_ranges(args: argparse.Namespace) -> argparse.Namespace:
     """Values argparse accepts but training would reject only after the model loaded."""
     if getattr(args, "rank", None) is not None:
         check_lora_rank(args.rank, "--rank")
-    if getattr(args, "learning_rate", None) is not None and not args.learning_rate > 0:
+    learning_rate, dropout, alpha = (_number(args, k) for k in ("learning_rate", "lora_dropout", "lora_alpha"))
+    if learning_rate is not None and not learning_rate > 0:
         raise TrainConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
-    dropout = getattr(args, "lora_dropout", None)
     if dropout is not None and not 0 <= dropout < 1:
-        raise TrainConfigError(f"--lora-dropout must be in [0, 1), got {dropout}")
-    if getattr(args, "lora_alpha", None) is not None and not args.lora_alpha > 0:
+        raise TrainConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if alpha is not None and not alpha > 0:
         raise TrainConfigError(f"--lora-alpha must be positive, got {args.lora_alpha}")
-    if getattr(args, "max_steps", -1) == 0 or getattr(args, "max_steps", -1) < -1:
-        raise TrainConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {args.max_steps}")
+    max_steps = getattr(args, "max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise TrainConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {max_steps}")
     return args
 
 
