@@ -353,6 +353,7 @@ def base_paths(model: ModelSpec, root: Path | None = None) -> RunPaths:
 SYNTH_TRAIN_FILE = "train.jsonl"
 # Benign samples cut at the token limit, judged safe: KL positions only (--keep-unfinished-benign).
 SYNTH_UNFINISHED_BENIGN_FILE = "unfinished_benign.jsonl"
+SYNTH_STATS_FILE = "stats.json"  # written last; records the sha256 of the files above
 
 
 def synthesized_data_dir(model: ModelSpec, guard: str, root: Path | None = None) -> Path:

@@ -41,6 +41,7 @@ from thinksafe.models import check_model_source, free_accelerator_memory, resolv
 from thinksafe.prompts import DEMO_PROMPTS, DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
 from thinksafe.registry import (
     REFUSAL_JUDGE,
+    SYNTH_STATS_FILE,
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
     Family,
@@ -76,7 +77,7 @@ MANIFEST = "run.json"
 TRAIN_FILE = SYNTH_TRAIN_FILE
 UNFINISHED_BENIGN_FILE = SYNTH_UNFINISHED_BENIGN_FILE
 CUT_AT_LIMIT = (UNFINISHED, UNCLOSED_THINK)  # statuses of a sample the token limit cut short
-STATS_FILE = "stats.json"
+STATS_FILE = SYNTH_STATS_FILE
 REJECTED_STATS_FILE = "stats.rejected.json"  # counts of a rerun that kept 0 rows (the earlier set stays)
 HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
 VLLM_CHUNK_PROMPTS = 1024  # vLLM: big chunks keep its scheduler busy; a kill loses at most one

@@ -252,6 +252,20 @@ def local_files(source: str) -> list[Path]:
     return sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
 
 
+def check_synthesized_set(files: list[Path]) -> None:
+    """A self-generated set is trained only as the set its stats.json describes (synthesize writes
+    stats.json last, with the sha256 of each row file): never a train.jsonl from another run."""
+    from thinksafe.io import read_json, sha256_of_files
+    from thinksafe.registry import SYNTH_STATS_FILE
+
+    stats_path = files[0].with_name(SYNTH_STATS_FILE)
+    recorded = read_json(stats_path).get("files_sha256", {}) if stats_path.exists() else {}
+    for path in files:
+        if path.name in recorded and recorded[path.name] != sha256_of_files([path]):
+            raise DatasetError(f"{path} is not the file its {stats_path.name} describes (an interrupted or "
+                               "mixed synthesis): rerun the same `thinksafe synthesize` command")
+
+
 def read_train_rows(dataset: str, model: ModelSpec, use_kl: bool, kl_on_unfinished: bool = False) -> TrainData:
     """Everything about --dataset that can be checked without a tokenizer or a model: the rows,
     their columns and labels, the KL mix, and the content hash that identifies the run's data.
@@ -269,6 +283,8 @@ def read_train_rows(dataset: str, model: ModelSpec, use_kl: bool, kl_on_unfinish
         side_file = unfinished_benign_source(source)
         records += read_records(spec, side_file)
         files.append(Path(side_file))
+    if spec.kind == "self":
+        check_synthesized_set(files)
     rows = to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl)
     if use_kl:
         check_kl_rows(rows, dataset)
