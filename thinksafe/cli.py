@@ -6,6 +6,7 @@ dispatches, importing the stage lazily so `--help` stays fast and a CPU install 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -27,6 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+FILESYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                       errno.EISDIR, errno.ENOTDIR}
 
 
 def usage() -> str:
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # Every stage writes through resumable logs and atomic renames: the state on disk is valid.
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
-        # Filesystem refusals a stage did not foresee (a read-only cache, a file where a dir belongs).
+    except OSError as err:
+        if err.errno not in FILESYSTEM_REFUSALS:
+            raise
+        # Filesystem refusals a stage did not foresee (a read-only cache, a full disk, a file where a
+        # directory belongs): the user's to fix, so one line, not a traceback.
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
 
