@@ -295,6 +295,16 @@ def test_6_rerun_keeping_zero_rows_leaves_the_earlier_set(tiny_qwen3, tmp_path):
     assert rejected["kept"]["total"] == 0
 
 
+def test_6_train_refuses_a_train_jsonl_its_stats_do_not_describe(tiny_qwen3, output_root, capsys, no_model_load):
+    from thinksafe.registry import synthesized_data_dir
+
+    data_dir = synthesized_data_dir(resolve_model(str(tiny_qwen3)), "llama-guard-3")
+    write_rows(data_dir / "train.jsonl", train_rows())
+    (data_dir / "stats.json").write_text(json.dumps({"files_sha256": {"train.jsonl": "0" * 64}}))
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_qwen3), "--dataset", "thinksafe", *FAST_TRAIN)
+    one_line_error(code, err, "train.jsonl is not the file its stats.json describes")
+
+
 # --- 7. training refuses data that would train nothing or the wrong thing -------------------
 
 
@@ -357,6 +367,20 @@ def test_8_unwritable_output_dir_is_one_line(tiny_qwen3, tmp_path, capsys, monke
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
     code, _, err = run_cli(capsys, *train)
     one_line_error(code, err, f"{read_only} is not writable")
+
+
+def test_8_read_only_cache_is_one_line(monkeypatch, capsys):
+    """A refusal from a directory no stage checks up front (the tokenised-data or model cache)."""
+    import errno
+
+    import thinksafe.plan
+
+    def read_only(argv):
+        raise OSError(errno.EROFS, "Read-only file system", "/cache/thinksafe/tokenized")
+
+    monkeypatch.setattr(thinksafe.plan, "main", read_only)
+    code, _, err = run_cli(capsys, "plan")
+    one_line_error(code, err, "Read-only file system: /cache/thinksafe/tokenized")
 
 
 def test_8_corrupt_metrics_is_one_line(tmp_path, capsys):
