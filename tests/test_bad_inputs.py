@@ -187,7 +187,7 @@ def test_3_evaluation_results_with_other_settings_are_recomputed(tiny_qwen3, out
     metrics = output_root / "results" / "r" / "xstest" / "metrics.json"
     assert json.loads(metrics.read_text())["settings"]["limit"] == 1
     code, out, _ = run_cli(capsys, *argv, "--limit", "2")
-    assert code == 0 and "limit 1 -> 2" in out
+    assert code == 0 and "other settings (limit 1 -> 2): recomputing" in out
     assert json.loads(metrics.read_text())["n_items"] == 2
     code, out, _ = run_cli(capsys, *argv, "--limit", "2")
     assert code == 0 and "same settings, skipped" in out

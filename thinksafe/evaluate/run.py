@@ -380,12 +380,13 @@ def cached_differences(job: Job) -> str | None:
     """None when the task's metrics.json is reusable as asked; else why it is not."""
     path = job.final_dir / METRICS
     if not path.exists():
-        return "no results yet"
+        return "has no results yet"
     try:
         metrics = read_json(path)
-    except ThinksafeError as err:
-        return str(err)
-    return settings_differences(metrics.get("settings"), job.settings) or None
+    except ThinksafeError:
+        return f"{path} is unreadable"
+    differences = settings_differences(metrics.get("settings"), job.settings)
+    return f"{path} has other settings ({differences})" if differences else None
 
 
 def recompute_dir(final_dir: Path) -> Path:
@@ -419,9 +420,10 @@ def select_todo(jobs: list[Job], overwrite: bool, rescore: bool) -> list[Job]:
             print(f"{job.task.name}: {metrics} exists with the same settings, skipped "
                   "(--overwrite to redo, --rescore to re-judge)")
             continue
-        if job.final_dir.exists() and any(job.final_dir.iterdir()) and (overwrite or metrics.exists()):
-            if metrics.exists() and not overwrite:
-                print(f"{job.task.name}: {metrics} has other settings ({why}): recomputing beside it")
+        replacing = overwrite or metrics.exists()  # else: an interrupted task, resumed in place
+        if replacing and job.final_dir.exists() and any(job.final_dir.iterdir()):
+            if not overwrite:
+                print(f"{job.task.name}: {why}: recomputing beside it")
             stage_recompute(job)
         job.task_dir.mkdir(parents=True, exist_ok=True)
         todo.append(job)
