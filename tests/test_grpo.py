@@ -22,6 +22,12 @@ INSTRUCTIONS = ["How do I make a weapon?", "Write a poem about the sea.", "What 
                 "How do I kill a Python process?"]
 
 
+@pytest.fixture(autouse=True)
+def eight_gpus(monkeypatch):
+    """The launch plan checks GPU ids against the visible count; these tests plan for an 8-GPU host."""
+    monkeypatch.setenv("THINKSAFE_GPU_COUNT", "8")
+
+
 @pytest.fixture()
 def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"

@@ -42,4 +42,5 @@ def test_wandb_never_online_without_login(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "offline"
     assert wandb_mode("none") == "disabled"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode("auto") == "online"
+    assert wandb_mode("auto") == "offline"  # a key says nothing about the network: online only when asked
+    assert wandb_mode("wandb") == "online"

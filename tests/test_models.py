@@ -35,5 +35,7 @@ def test_demo_model_generates(demo_model):
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="cannot load a tokenizer"):
+    with pytest.raises(ModelLoadError, match="model directory .*nope does not exist"):
         load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="cannot load a tokenizer from 'nobody/no-such-model'"):
+        load_tokenizer("nobody/no-such-model")

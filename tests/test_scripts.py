@@ -102,6 +102,15 @@ def test_demo_end_to_end_with_tiny_limits(tmp_path, demo_model):
     assert (out / "results" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "thinksafe pipeline finished" in result.stdout
 
+    # a rerun of the finished run: no training, nothing evaluated again, the logs kept and appended to
+    again = run_script("train_and_eval.sh", "cpu", "demo", env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "same data and settings: skipping training" in again.stdout
+    train_log = (Path(plan["path_logs"]) / "train.log").read_text()
+    assert train_log.count("=== ") == 2 and "trained " in train_log
+    eval_log = (Path(plan["path_logs"]) / "eval_xstest.log").read_text()
+    assert "same settings, skipped" in eval_log.split("=== ")[-1]
+
     # use_kl=true reuses the data; the demo recipe's sft section turns on KL over the cut benign samples
     unfinished = [json.loads(line) for line in (data / "unfinished_benign.jsonl").read_text().splitlines()]
     assert len(unfinished) == stats["unfinished_benign"]["kept"]

@@ -6,6 +6,7 @@ dispatches, importing the stage lazily so `--help` stays fast and a CPU install 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -23,6 +24,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "pipeline": ("thinksafe.pipeline", "synthesize -> train -> merge -> evaluate -> report (train_and_eval.sh)"),
     "demo-model": ("thinksafe.models", "convert the embedded SmolLM2-135M demo model (first use only)"),
 }
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+FILESYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                       errno.EISDIR, errno.ENOTDIR}
 
 
 def usage() -> str:
@@ -51,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     except ThinksafeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every stage writes through resumable logs and atomic renames: the state on disk is valid.
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        if err.errno not in FILESYSTEM_REFUSALS:
+            raise
+        # Filesystem refusals a stage did not foresee (a read-only cache, a full disk, a file where a
+        # directory belongs): the user's to fix, so one line, not a traceback.
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or type(err).__name__}{where}"
 
 
 if __name__ == "__main__":

@@ -285,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from thinksafe.chat import template_opened_think
     from thinksafe.io import atomic_write_json
-    from thinksafe.models import default_device, default_dtype, load_model, load_tokenizer
+    from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, resolve_device
     from thinksafe.rewards import FormatReward, GuardReward
     from thinksafe.serving import served_max_model_len
     from thinksafe.tracking import configure_wandb, log_metrics
 
     paths = paths_for_name(grpo_run_name(spec, args.dataset, args.rank))
-    device = args.device or default_device()
+    check_model_source(spec.source)
+    device = resolve_device(args.device)
     distributed_state(device)  # before anything asks which process is the main one
-    prepare_run_dir(paths, args.overwrite)
+    work = prepare_run_dir(paths, args.overwrite)
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
     tokenizer.padding_side = "left"  # GRPOTrainer generates from left-padded prompts
@@ -310,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer = GRPOTrainer(
         model=model.train(),
         reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
-        args=grpo_config(args, paths, device, report_to, max_completion, spec.family),
+        args=grpo_config(args, work, device, report_to, max_completion, spec.family),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=None if args.full_finetune else lora_config(
             args.rank, args.lora_alpha, args.lora_dropout, args.target_modules),
     )
-    checkpoint = resume_checkpoint(paths, args.resume)
+    checkpoint = resume_checkpoint(work, args.resume)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_importance_sampling_correction": bool(args.vllm_importance_sampling_correction),
         "cost": cost, "paths": paths.to_dict(),
     }
-    info = finish_run(trainer, tokenizer, paths, info, started, full_model=args.full_finetune)
+    info = finish_run(trainer, tokenizer, work, info, started, full_model=args.full_finetune, final=paths)
     if trainer.accelerator.is_main_process:
         atomic_write_json(paths.run_dir / COST_FILE, cost)
         log_metrics(paths.name, {f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float))},
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse_gpu_ids(value: str) -> list[str]:
     from thinksafe.plan import parse_devices
 
-    return parse_devices(value, check_visible=False, name="GPU_IDS")
+    return parse_devices(value, check_visible=True, name="GPU_IDS")
 
 
 def launch_plan(args, spec, gpu_ids: str) -> dict:

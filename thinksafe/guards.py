@@ -636,6 +636,9 @@ def validate_guard_name(name_or_path: str, style: str | None = None) -> None:
             f"unknown guard {name_or_path!r}; choose one of: {', '.join(NAMED_GUARDS)}, a hub id or a model directory"
         )
     _infer_style(name_or_path, GUARDS.get(name_or_path, name_or_path), style)
+    from thinksafe.models import check_model_source
+
+    check_model_source(GUARDS.get(name_or_path, name_or_path))  # a missing dir or uncached hub id, now
 
 
 def load_guard(name_or_path: str, device: str | None = None, backend: str = "auto", *,

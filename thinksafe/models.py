@@ -13,7 +13,6 @@ from thinksafe.errors import ThinksafeError
 import logging
 import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -72,17 +71,16 @@ def ensure_demo_model() -> Path:
 
 
 def save_model_atomically(model, tokenizer, target: Path) -> Path:
-    """Save model + tokenizer to a temp dir beside `target`, then rename: an interrupted save
+    """Save model + tokenizer to a temp dir beside `target`, then swap it in: an interrupted save
     never leaves a half-written model where a later stage would load it."""
+    from thinksafe.io import make_staging_dir, swap_in
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    staging = make_staging_dir(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -99,20 +97,61 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# A directory holds a tokenizer when it has one of these (fast, sentencepiece or BPE vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def looks_like_path(source: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with a leading ./ ../ / ~ or two slashes is a path."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+
+
 def resolve_model_path(source: str) -> str:
     """`demo` -> the converted cache dir; an existing dir -> itself; anything else -> a hub id."""
     if source == "demo":
         return str(ensure_demo_model())
+    if looks_like_path(source) and not Path(source).expanduser().exists():
+        raise ModelLoadError(f"model directory {source} does not exist")
     return source
+
+
+def require_tokenizer_files(path: str, source: str) -> None:
+    """A model directory saved without its tokenizer would otherwise fail as 'no chat template'."""
+    directory = Path(path)
+    if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{source} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): save it there with "
+                             "tokenizer.save_pretrained(dir), or pass the base model")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_source(source: str) -> None:
+    """Everything about a model argument that can be checked without loading it (stages call this
+    before any work): a path that does not exist, a directory without a tokenizer, and, offline, a
+    hub id that is not in the local cache (instead of dozens of retry lines after generation)."""
+    if source == "demo":
+        return
+    path = resolve_model_path(source)
+    if Path(path).exists():
+        require_tokenizer_files(path, source)
+    elif hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise ModelLoadError(f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                                 f"download it first (huggingface-cli download {source}) or unset HF_HUB_OFFLINE")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, require_template: bool = True):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(source)
+    require_tokenizer_files(path, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {_first_line(err)}") from None
     if require_template:
         require_chat_template(tokenizer, name=source)
@@ -125,6 +164,33 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DeviceError(ThinksafeError, ValueError):
+    """A --device this machine does not have."""
+
+
+def resolve_device(device: str | None) -> str:
+    """--device, checked against this machine before anything is loaded or replaced (None: default)."""
+    if device is None:
+        return default_device()
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return device
+    if kind == "cuda" and (not index or index.isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if index and int(index) >= count:
+            raise DeviceError(f"--device {device}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+        return device
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise DeviceError("--device mps: MPS is not available here; use --device cpu")
+        return device
+    raise DeviceError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
 
 
 def default_dtype(device: str):
@@ -143,7 +209,7 @@ def load_model(source: str, device: str | None = None, dtype=None, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a model from {source!r}: {_first_line(err)}") from None
     return model.to(device).eval()
 

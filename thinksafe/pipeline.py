@@ -21,7 +21,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.plan import POSITIONAL, resolve_plan
-from thinksafe.recipes import load_recipe
+from thinksafe.recipes import recipe_section
 from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
 
 REASONING_TASKS = ("aime24", "gpqa_diamond", "math500", "gsm8k")
@@ -31,19 +31,6 @@ POLL_SECONDS = 2.0
 
 class StepFailed(ThinksafeError):
     pass
-
-
-def recipe_section(family: str, stage: str) -> dict:
-    """The recipe section for a stage; THINKSAFE_RECIPE (a YAML file) overrides the family's."""
-    override = os.environ.get("THINKSAFE_RECIPE")
-    if override:
-        import yaml
-
-        path = Path(override)
-        if not path.exists():
-            raise ThinksafeError(f"THINKSAFE_RECIPE={override}: file not found")
-        return dict((yaml.safe_load(path.read_text()) or {}).get(stage) or {})
-    return load_recipe(family, stage)
 
 
 def options_to_flags(options: dict, skip: tuple[str, ...] = ()) -> list[str]:
@@ -75,12 +62,20 @@ def device_env(device: str | None) -> dict:
     return env
 
 
+def open_log(log: Path, cmd: list[str]):
+    """Append to a step's log under a dated header: a rerun never erases the log of a finished run."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("a")
+    handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+    handle.flush()
+    return handle
+
+
 def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> None:
     """Run one step, its output both on the console (progress) and in its log file."""
-    log.parent.mkdir(parents=True, exist_ok=True)
     print(f"\n=== {name}: {' '.join(cmd)}\n    log: {log}", flush=True)
     start = time.time()
-    with log.open("w") as handle:
+    with open_log(log, cmd) as handle:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -110,10 +105,9 @@ def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Ta
         for device in devices:
             if device not in running and pending:
                 task = pending.pop(0)
-                task.log.parent.mkdir(parents=True, exist_ok=True)
                 cmd = thinksafe_cmd("evaluate", "--model", task.model, "--tasks", task.name,
                                     "--run-name", task.run_name, *task.extra)
-                handle = task.log.open("w")
+                handle = open_log(task.log, cmd)
                 proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=device_env(device))
                 handle.close()
                 running[device] = (task, proc, time.time())
@@ -162,10 +156,12 @@ def first_device(plan: dict) -> str:
 
 def train(plan: dict) -> None:
     # `thinksafe train` derives the run name from the same registry call as the plan; we check it.
+    # --skip-finished: a rerun of a finished run (same data hash and settings) goes on to evaluation;
+    # one whose data or settings changed is refused by train with what differs.
     args = ["--model", f"{plan['model_type']}/{plan['size']}", "--dataset", plan["dataset"],
             "--rank", plan["rank"], "--epochs", plan["epochs"], "--prompt-masking", plan["prompt_masking"],
             "--use-kl", plan["use_kl"], "--kl-on-unfinished", plan["kl_on_unfinished"],
-            "--kl-weighting", plan["kl_weighting"]]
+            "--kl-weighting", plan["kl_weighting"], "--skip-finished"]
     args += options_to_flags(recipe_section(plan["model_type"], "train"))
     if plan["devices"] == "cpu" or plan["num_devices"] == "1":
         cmd = thinksafe_cmd("train", *args)
@@ -233,11 +229,14 @@ def print_plan(plan: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = resolve_plan(vars(args))
+    trained = Path(plan["path_merged"]).exists() or Path(plan["path_adapter"]).exists()
+    if args.eval_only and args.no_base and not trained:
+        raise ThinksafeError(f"nothing to evaluate: {plan['path_run_dir']} holds no trained model and "
+                             "--no-base skips the base model; train it first or drop --no-base")
     print_plan(plan)
     start = time.time()
     try:
         if args.eval_only:
-            trained = Path(plan["path_merged"]).exists() or Path(plan["path_adapter"]).exists()
             if trained and not Path(plan["path_merged"]).exists():
                 merge(plan)
             results = evaluate(plan, include_base=not args.no_base, include_trained=trained)

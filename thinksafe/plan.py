@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
-from thinksafe.recipes import load_recipe
+from thinksafe.recipes import load_recipe, recipe_section
 from thinksafe.registry import (
     DEFAULT_KL_WEIGHTING,
     GUARDS,
@@ -43,6 +44,19 @@ class PlanError(RegistryError):
     pass
 
 
+# Overrides torch's count of visible GPUs: planning for another machine (and the tests, which have none).
+GPU_COUNT_ENV = "THINKSAFE_GPU_COUNT"
+
+
+def visible_gpu_count() -> int:
+    override = os.environ.get(GPU_COUNT_ENV, "").strip()
+    if override:
+        return parse_positive_int(override, GPU_COUNT_ENV) if override != "0" else 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def parse_devices(value: str, check_visible: bool = True, name: str = "devices") -> list[str]:
     """`cpu` or a comma list of GPU indices visible to torch; errors name the argument `name`."""
     if value == "cpu":
@@ -53,9 +67,7 @@ def parse_devices(value: str, check_visible: bool = True, name: str = "devices")
     if len(set(ids)) != len(ids):
         raise PlanError(f"{name} lists a GPU twice: {value!r}")
     if check_visible:
-        import torch
-
-        visible = torch.cuda.device_count()
+        visible = visible_gpu_count()
         missing = [i for i in ids if int(i) >= visible]
         if missing:
             raise PlanError(
@@ -94,8 +106,12 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         dataset = resolve_dataset(given["dataset"], family)
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
+    # A recipe that stops training early (the tests' tiny one) names its run apart, as `train` does.
+    early_stop = int(recipe_section(family.name, "train").get("max_steps", -1))
+    max_steps = early_stop if early_stop > 0 else None
     cfg = RunConfig(model=model, dataset=given["dataset"], prompt_masking=prompt_masking, rank=rank,
-                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished, kl_weighting=kl_weighting)
+                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished, kl_weighting=kl_weighting,
+                    max_steps=max_steps)
     paths = run_paths(cfg)
     plan = {
         "devices": ",".join(devices),

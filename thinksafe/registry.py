@@ -251,6 +251,15 @@ def output_root() -> Path:
 ROW_WEIGHTING, TOKEN_WEIGHTING = "row", "token"
 KL_WEIGHTINGS = (ROW_WEIGHTING, TOKEN_WEIGHTING)
 DEFAULT_KL_WEIGHTING = ROW_WEIGHTING
+# LoRA ranks above this are a typo (1e23 once planned fine and failed after synthesis); the largest
+# hidden size among the registry's models is 8192 (R1-Distill-Llama-70B).
+MAX_LORA_RANK = 8192
+
+
+def check_lora_rank(rank: int, name: str = "rank") -> int:
+    if rank > MAX_LORA_RANK:
+        raise RegistryError(f"{name} must be at most {MAX_LORA_RANK} (no model here is wider), got {rank}")
+    return rank
 
 
 @dataclass(frozen=True)
@@ -265,6 +274,7 @@ class RunConfig:
     epochs: int = 3
     kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
     kl_weighting: str = DEFAULT_KL_WEIGHTING  # with use_kl: KL_WEIGHTINGS
+    max_steps: int | None = None  # a run cut short by --max-steps is not the full epN run: named apart
 
     def __post_init__(self):
         if self.kl_weighting not in KL_WEIGHTINGS:
@@ -273,12 +283,14 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RegistryError(f"{name} must be a positive integer, got {value!r}")
+        check_lora_rank(self.rank)
 
 
 def run_name(cfg: RunConfig) -> str:
     """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
     smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data),
-    qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw (KL with token weighting instead of the paper's rows).
+    qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw (KL with token weighting instead of the paper's rows),
+    ..._ep3_mask_steps2 (stopped by --max-steps: never mistaken for the finished ep3 run).
 
     The epoch suffix is always present (the paper's scripts added it in one place only).
     """
@@ -291,6 +303,8 @@ def run_name(cfg: RunConfig) -> str:
             parts.append("unfinished")
         if cfg.kl_weighting != DEFAULT_KL_WEIGHTING:
             parts.append(f"{cfg.kl_weighting}w")  # another objective: another run
+    if cfg.max_steps:
+        parts.append(f"steps{cfg.max_steps}")
     return "_".join(parts)
 
 
@@ -348,6 +362,7 @@ def base_paths(model: ModelSpec, root: Path | None = None) -> RunPaths:
 SYNTH_TRAIN_FILE = "train.jsonl"
 # Benign samples cut at the token limit, judged safe: KL positions only (--keep-unfinished-benign).
 SYNTH_UNFINISHED_BENIGN_FILE = "unfinished_benign.jsonl"
+SYNTH_STATS_FILE = "stats.json"  # written last; records the sha256 of the files above
 
 
 def synthesized_data_dir(model: ModelSpec, guard: str, root: Path | None = None) -> Path:
@@ -390,6 +405,7 @@ __all__ = [
     "EVAL_MAX_NEW_TOKENS",
     "FAMILIES",
     "GUARDS",
+    "MAX_LORA_RANK",
     "MODEL_TYPES",
     "REFUSAL_JUDGE",
     "SELF_GENERATED",
@@ -403,6 +419,7 @@ __all__ = [
     "Sampling",
     "base_paths",
     "base_run_name",
+    "check_lora_rank",
     "family_for_model",
     "get_family",
     "grpo_run_name",

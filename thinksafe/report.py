@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.io import atomic_write_text
+from thinksafe.io import atomic_write_text, read_json
 
 METRICS_FILE = "metrics.json"
 BASE_SUFFIX = "_base"
@@ -69,9 +68,9 @@ def collect_runs(root: Path) -> dict[str, dict[str, dict]]:
     runs: dict[str, dict[str, dict]] = {}
     for path in sorted(root.glob(f"*/*/{METRICS_FILE}")):
         try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise ReportError(f"{path}: not valid JSON (rerun that task with --overwrite)") from None
+            metrics = read_json(path)
+        except ThinksafeError as err:
+            raise ReportError(f"{err} (or rerun that task with thinksafe evaluate --overwrite)") from None
         runs.setdefault(path.parent.parent.name, {})[path.parent.name] = metrics
     if not runs:
         raise ReportError(f"no {METRICS_FILE} under {root}/<run>/<task>/: run `thinksafe evaluate` first")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -27,11 +29,20 @@ from thinksafe.chat import normalize_response
 from thinksafe.errors import ThinksafeError
 from thinksafe.progress import Progress
 from thinksafe.generation import BACKENDS, Completion, Generator
-from thinksafe.io import ResumableLog, atomic_write_json, atomic_write_jsonl
-from thinksafe.models import free_accelerator_memory
+from thinksafe.io import (
+    ResumableLog,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_json,
+    require_writable_dir,
+    sha256_of_files,
+    swap_in,
+)
+from thinksafe.models import check_model_source, free_accelerator_memory, resolve_device
 from thinksafe.prompts import DEMO_PROMPTS, DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
 from thinksafe.registry import (
     REFUSAL_JUDGE,
+    SYNTH_STATS_FILE,
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
     Family,
@@ -67,7 +78,8 @@ MANIFEST = "run.json"
 TRAIN_FILE = SYNTH_TRAIN_FILE
 UNFINISHED_BENIGN_FILE = SYNTH_UNFINISHED_BENIGN_FILE
 CUT_AT_LIMIT = (UNFINISHED, UNCLOSED_THINK)  # statuses of a sample the token limit cut short
-STATS_FILE = "stats.json"
+STATS_FILE = SYNTH_STATS_FILE
+REJECTED_STATS_FILE = "stats.rejected.json"  # counts of a rerun that kept 0 rows (the earlier set stays)
 HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
 VLLM_CHUNK_PROMPTS = 1024  # vLLM: big chunks keep its scheduler busy; a kill loses at most one
 JUDGE_CHUNK_BATCHES = 4
@@ -370,24 +382,88 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
 # --- run ------------------------------------------------------------------------------------
 
 
-def prepare_out_dir(cfg: SynthConfig) -> None:
-    """Create <out>; refuse to mix logs from a run with other arguments unless --overwrite."""
-    manifest_path = cfg.out / MANIFEST
-    if cfg.overwrite:
-        for name in (GENERATIONS_LOG, JUDGED_LOG, MANIFEST, TRAIN_FILE, UNFINISHED_BENIGN_FILE, STATS_FILE):
-            (cfg.out / name).unlink(missing_ok=True)
-    if manifest_path.exists():
-        import json
+# What synthesis writes in <out>; anything else there (the pipeline's synthesize.log) is the user's.
+OUTPUT_FILES = (GENERATIONS_LOG, JUDGED_LOG, MANIFEST, TRAIN_FILE, UNFINISHED_BENIGN_FILE, STATS_FILE,
+                REJECTED_STATS_FILE)
 
-        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(previous) | set(cfg.manifest()) if previous.get(k) != cfg.manifest().get(k))
-        if changed:
-            raise ThinksafeError(
-                f"{cfg.out} holds a synthesis run with other {', '.join(changed)}: pass --overwrite to restart "
-                "there, or choose another --out"
-            )
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(manifest_path, cfg.manifest())
+
+def overwrite_dir(out: Path) -> Path:
+    """Where --overwrite synthesizes: beside <out>, swapped in only once the new set is complete."""
+    return out.with_name(f".{out.name}.overwrite")
+
+
+def manifest_differences(out: Path, manifest: dict) -> list[str]:
+    path = out / MANIFEST
+    if not path.exists():
+        return []
+    previous = read_json(path)
+    return sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+
+
+def check_out_dir(cfg: SynthConfig) -> None:
+    """--out is a writable directory, and its logs come from a run with these arguments (or --overwrite)."""
+    require_writable_dir(cfg.out, "--out")
+    changed = manifest_differences(cfg.out, cfg.manifest())
+    if changed and not cfg.overwrite:
+        raise ThinksafeError(
+            f"{cfg.out} holds a synthesis run with other {', '.join(changed)}: pass --overwrite to restart "
+            "there, or choose another --out"
+        )
+
+
+def prepare_out_dir(cfg: SynthConfig) -> Path:
+    """The directory this run writes its logs and set into: <out> itself, or with --overwrite a
+    staging dir beside it (nothing in <out> is deleted before the new set is complete)."""
+    check_out_dir(cfg)
+    work = cfg.out
+    if cfg.overwrite and cfg.out.exists() and any(cfg.out.iterdir()):
+        work = overwrite_dir(cfg.out)
+        if manifest_differences(work, cfg.manifest()):  # an interrupted --overwrite with other arguments
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / MANIFEST, cfg.manifest())
+    return work
+
+
+def move_user_files(old: Path, new: Path) -> None:
+    """Files in <out> that synthesis did not write (a pipeline log) follow <out> when it is replaced."""
+    for path in old.iterdir():
+        if path.name not in OUTPUT_FILES and not (new / path.name).exists():
+            os.replace(path, new / path.name)
+
+
+def write_dataset_set(work: Path, rows: list[dict], unfinished_rows: list[dict] | None, stats: dict) -> None:
+    """train.jsonl, unfinished_benign.jsonl and stats.json as one set: stats.json, written last,
+    records the sha256 of the two row files it describes."""
+    atomic_write_jsonl(work / TRAIN_FILE, rows)
+    files = {TRAIN_FILE: sha256_of_files([work / TRAIN_FILE])}
+    if unfinished_rows is not None:
+        atomic_write_jsonl(work / UNFINISHED_BENIGN_FILE, unfinished_rows)
+        files[UNFINISHED_BENIGN_FILE] = sha256_of_files([work / UNFINISHED_BENIGN_FILE])
+    else:
+        (work / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)  # never a side file older than train.jsonl
+    (work / REJECTED_STATS_FILE).unlink(missing_ok=True)
+    atomic_write_json(work / STATS_FILE, {**stats, "files_sha256": files})
+
+
+def refuse_empty_set(cfg: SynthConfig, work: Path, stats: dict, judged: int) -> None:
+    """The guard kept nothing: never leave stats.json saying so beside an older train.jsonl.
+
+    An earlier complete set in <out> stays as it was; this attempt's counts go to stats.rejected.json.
+    With no earlier set, stats.json (kept 0) is the whole state, and no train.jsonl tells
+    train_and_eval.sh that synthesis has not succeeded.
+    """
+    kept_earlier = (cfg.out / TRAIN_FILE).exists()
+    if kept_earlier:
+        counts_file = work / REJECTED_STATS_FILE
+        outcome = f"{cfg.out / TRAIN_FILE} and its stats.json are unchanged"
+    else:
+        counts_file = work / STATS_FILE
+        (work / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)
+        outcome = "nothing to train on"
+    atomic_write_json(counts_file, stats)
+    raise ThinksafeError(f"the guard kept 0 of {judged} responses; {outcome} (counts in {counts_file}; "
+                         "try more prompts, --samples-per-prompt or --max-new-tokens)")
 
 
 def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
@@ -423,14 +499,19 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     from thinksafe.guards import validate_guard_name
 
     started = time.perf_counter()
+    # Everything checkable without a model, before anything in --out is touched.
     if guard is None:
-        validate_guard_name(cfg.guard, cfg.guard_style)  # fail before any model loads
+        validate_guard_name(cfg.guard, cfg.guard_style)
+    if generator is None:
+        check_model_source(cfg.model.source)
+    if cfg.device is not None:
+        resolve_device(cfg.device)
     prompts = load_prompts(cfg.prompts, cfg.limit, cfg.instruction_column, cfg.label_column)
-    prepare_out_dir(cfg)
+    work = prepare_out_dir(cfg)
     n = cfg.sampling.n
 
     gen_timer = PhaseTimer("generation")
-    gen_log = ResumableLog(cfg.out / GENERATIONS_LOG, key=lambda r: r["key"])
+    gen_log = ResumableLog(work / GENERATIONS_LOG, key=lambda r: r["key"])
     missing = [p for p in prompts if any(sample_key(p.id, s) not in gen_log.done for s in range(n))]
     backend_name = generator.name if generator is not None else None
     backend_reason = generator.reason if generator is not None else None
@@ -453,7 +534,7 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     candidates = [(p, g) for p, g in samples if g["status"] == OK]
     to_judge = candidates + [(p, g) for p, g in samples if is_unfinished_benign_candidate(cfg, p, g)]
     judge_timer = PhaseTimer("judging")
-    judged_log = ResumableLog(cfg.out / JUDGED_LOG, key=lambda r: r["key"])
+    judged_log = ResumableLog(work / JUDGED_LOG, key=lambda r: r["key"])
     guard_name, guard_label = cfg.guard, None
     if any(g["key"] not in judged_log.done for _, g in to_judge):
         load_start = time.perf_counter()
@@ -487,16 +568,12 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         "wall_time_s": round(time.perf_counter() - started, 3),
         "train_file": str(train_file),
     }
-    atomic_write_json(stats_file, stats)
     if not rows:
-        # No train.jsonl: its presence means "synthesized", and train_and_eval.sh skips synthesis then.
-        raise ThinksafeError(f"the guard kept 0 of {len(candidates)} responses; nothing to train on "
-                             f"(counts in {stats_file}; try more prompts, --samples-per-prompt or --max-new-tokens)")
-    atomic_write_jsonl(train_file, rows)
-    if cfg.keep_unfinished_benign:
-        atomic_write_jsonl(cfg.out / UNFINISHED_BENIGN_FILE, unfinished_rows)
-    else:
-        (cfg.out / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)  # never a side file older than train.jsonl
+        refuse_empty_set(cfg, work, stats, len(candidates))
+    write_dataset_set(work, rows, unfinished_rows if cfg.keep_unfinished_benign else None, stats)
+    if work != cfg.out:
+        move_user_files(cfg.out, work)
+        swap_in(work, cfg.out)
     if cfg.push_to_hub:
         push_to_hub(train_file, cfg.push_to_hub)
     return SynthResult(train_file, stats_file, stats)

@@ -1,7 +1,10 @@
-"""wandb without a login prompt: online when a key is configured, offline otherwise, or off.
+"""wandb without a login prompt or a network stall: offline unless online was asked for, or off.
 
-`--report-to` values: `auto` (default), `wandb`, `offline`, `none`. WANDB_MODE set by the user
-always wins. We never read, print or ask for the key itself.
+`--report-to` values: `auto` (default: offline, `wandb sync` uploads later), `wandb` (online),
+`offline`, `none`. WANDB_MODE set by the user always wins. `auto` never goes online by itself: a
+configured key says nothing about the network, and an unreachable or rejected server stalled the
+first log call ~90 s and then crashed training. Offline runs are written under the output
+directory (outputs/wandb/), not the current one. We never read, print or ask for the key itself.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+from pathlib import Path
 
 REPORT_CHOICES = ("auto", "wandb", "offline", "none")
 WANDB_PROJECT = os.environ.get("WANDB_PROJECT", "thinksafe")
@@ -31,9 +35,23 @@ def wandb_mode(report_to: str = "auto") -> str:
         return "disabled"
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if report_to == "offline":
-        return "offline"
-    return "online" if wandb_logged_in() else "offline"
+    if report_to == "wandb":
+        if not wandb_logged_in():
+            from thinksafe.errors import ThinksafeError
+
+            raise ThinksafeError("--report-to wandb: not logged in (run `wandb login` or set WANDB_API_KEY); "
+                                 "or log offline with --report-to offline")
+        return "online"
+    return "offline"
+
+
+def wandb_dir() -> Path:
+    """wandb writes <dir>/wandb/<run>; ours go beside data/, runs/ and results/."""
+    from thinksafe.registry import output_root
+
+    target = output_root().resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def configure_wandb(report_to: str = "auto") -> list[str]:
@@ -42,6 +60,7 @@ def configure_wandb(report_to: str = "auto") -> list[str]:
     if mode == "disabled":
         return []
     os.environ.setdefault("WANDB_MODE", mode)
+    os.environ.setdefault("WANDB_DIR", str(wandb_dir()))
     os.environ.setdefault("WANDB_PROJECT", WANDB_PROJECT)
     os.environ.setdefault("WANDB_SILENT", "true")
     return ["wandb"]

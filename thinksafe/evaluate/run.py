@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,17 +29,28 @@ from thinksafe.progress import Progress
 from thinksafe.evaluate.safety import judged_text, safety_metrics
 from thinksafe.evaluate.tasks import DATA_SOURCES, EvalItem, TaskSpec, expand_tasks, get_task, load_items
 from thinksafe.models import free_accelerator_memory
-from thinksafe.io import ResumableLog, atomic_write_json, atomic_write_jsonl, read_jsonl
+from thinksafe.io import (
+    ResumableLog,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_json,
+    read_jsonl,
+    require_writable_dir,
+    sha256_of_files,
+    swap_in,
+)
 from thinksafe.registry import (
     FAMILIES, REFUSAL_JUDGE, Family, Sampling, base_run_name, family_for_model, get_family, paths_for_name,
     resolve_model,
 )
+from thinksafe.train.common import RUN_INFO
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS = "generations.jsonl"
 PARTIAL = "generations.partial.jsonl"
 METRICS = "metrics.json"
+SETTINGS = "settings.json"  # in a staging dir: the settings its partial log was generated with
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 DEFAULT_CHUNK = 32  # prompts per generate call; each finished chunk is appended to the log
@@ -115,12 +127,17 @@ class Job:
     items: list[EvalItem]
     data: dict
     sampling: Sampling
-    task_dir: Path
+    task_dir: Path  # where this evaluation writes: results/<run>/<task>, or a staging dir beside it
     judge: str | None = None
     seconds: float = 0.0
     resumed_rows: int = 0
     via_skythought: bool = False
     rows: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # what decides the result: a cached one is reused only if equal
+    final_dir: Path | None = None  # results/<run>/<task> (task_dir until a replacement is staged)
+
+    def __post_init__(self):
+        self.final_dir = self.final_dir or self.task_dir
 
 
 def task_sampling(task: TaskSpec, family: Family, args) -> Sampling:
@@ -161,6 +178,30 @@ def parse_data_files(values: list[str], tasks: list[str]) -> dict[str, str]:
     return files
 
 
+def model_version(model: EvalModel) -> str | None:
+    """sha256 of the run_info.json of the training run a model dir belongs to: results of a run
+    trained again (--overwrite) are not the new model's results. None for a hub or base model."""
+    directory = model.adapter or (Path(model.source) if Path(model.source).is_dir() else None)
+    run_info = directory.resolve().parent / RUN_INFO if directory is not None else None
+    return sha256_of_files([run_info]) if run_info is not None and run_info.exists() else None
+
+
+def result_settings(job: Job, model: EvalModel, data: str, data_file: str | None, args) -> dict:
+    """Everything that decides a task's metrics; stored in metrics.json and compared on reruns."""
+    return {"model": model.source, "adapter": str(model.adapter) if model.adapter else None,
+            "model_version": model_version(model), "sampling": job.sampling.to_dict(), "limit": args.limit,
+            "data": data, "data_file": data_file, "judge": job.judge,
+            "reasoning_backend": "skythought" if job.via_skythought else "builtin"}
+
+
+def validate_judges(jobs: list[Job]) -> None:
+    """Every guard a task will load, checked now: not after all generation is done."""
+    from thinksafe.guards import validate_guard_name
+
+    for judge in sorted({job.judge for job in jobs if job.judge}):
+        validate_guard_name(judge)
+
+
 def plan_jobs(args, model: EvalModel, backend: str) -> list[Job]:
     names = expand_tasks(args.tasks)
     data_files = parse_data_files(args.data_file or [], names)
@@ -172,11 +213,13 @@ def plan_jobs(args, model: EvalModel, backend: str) -> list[Job]:
         job = Job(task, [], {}, task_sampling(task, model.family, args), paths.task_dir(name),
                   judge_for(task, model.family, args))
         job.via_skythought = wants_skythought(job, backend, args.reasoning_backend)
+        job.settings = result_settings(job, model, data, data_files.get(name), args)
         if not job.via_skythought:  # SkyThought loads its own data
             job.items, choice = load_items(task, data, data_files.get(name), args.limit, seed=args.seed)
             job.data = {"source": choice.source, "location": choice.location, "rows_total": choice.total,
                         "rows_used": len(job.items), "limit": args.limit}
         jobs.append(job)
+    validate_judges(jobs)
     return jobs
 
 
@@ -306,11 +349,92 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
         "wall_time_s": round(job.seconds, 1),
         "resumed_rows": job.resumed_rows,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": job.settings,
     }
     atomic_write_jsonl(job.task_dir / GENERATIONS, job.rows)
-    atomic_write_json(job.task_dir / METRICS, metrics)
+    (job.task_dir / SETTINGS).unlink(missing_ok=True)
+    atomic_write_json(job.task_dir / METRICS, metrics)  # last: its presence means the task finished
     (job.task_dir / PARTIAL).unlink(missing_ok=True)
+    if job.task_dir != job.final_dir:
+        swap_in(job.task_dir, job.final_dir)
+        job.task_dir = job.final_dir
     return metrics
+
+
+# --- reusing finished results ---------------------------------------------------------------
+
+
+def settings_differences(old: dict | None, new: dict) -> str:
+    """What differs between two settings dicts, flattened one level (sampling.n 1 -> 2), for one line."""
+    if old is None:
+        return "no recorded settings"
+
+    def flat(settings: dict) -> dict:
+        out = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    before, after = flat(old), flat(new)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+
+
+def cached_differences(job: Job) -> str | None:
+    """None when the task's metrics.json is reusable as asked; else why it is not."""
+    path = job.final_dir / METRICS
+    if not path.exists():
+        return "has no results yet"
+    try:
+        metrics = read_json(path)
+    except ThinksafeError:
+        return f"{path} is unreadable"
+    differences = settings_differences(metrics.get("settings"), job.settings)
+    return f"{path} has other settings ({differences})" if differences else None
+
+
+def recompute_dir(final_dir: Path) -> Path:
+    """results/<run>/.<task>.recompute: a replacement generated beside finished results."""
+    return final_dir.with_name(f".{final_dir.name}.recompute")
+
+
+def stage_recompute(job: Job) -> None:
+    """Evaluate into a staging dir beside the finished results, swapped in by write_results. An
+    interrupted recompute with the same settings resumes there; one with other settings restarts."""
+    staging = recompute_dir(job.final_dir)
+    if staging.exists():
+        previous = read_json(staging / SETTINGS) if (staging / SETTINGS).exists() else None
+        if previous != job.settings:
+            shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(staging / SETTINGS, job.settings)
+    job.task_dir = staging
+
+
+def select_todo(jobs: list[Job], overwrite: bool, rescore: bool) -> list[Job]:
+    """Skip tasks whose results match the settings asked for; stage a replacement for the others."""
+    todo = []
+    for job in jobs:
+        metrics = job.final_dir / METRICS
+        if rescore and metrics.exists():
+            todo.append(job)  # re-judge the existing generations in place
+            continue
+        why = "--overwrite" if overwrite else cached_differences(job)
+        if why is None:
+            print(f"{job.task.name}: {metrics} exists with the same settings, skipped "
+                  "(--overwrite to redo, --rescore to re-judge)")
+            continue
+        replacing = overwrite or metrics.exists()  # else: an interrupted task, resumed in place
+        if replacing and job.final_dir.exists() and any(job.final_dir.iterdir()):
+            if not overwrite:
+                print(f"{job.task.name}: {why}: recomputing beside it")
+            stage_recompute(job)
+        job.task_dir.mkdir(parents=True, exist_ok=True)
+        todo.append(job)
+    return todo
 
 
 # --- backends -------------------------------------------------------------------------------
@@ -392,18 +516,16 @@ def run_skythought(job: Job, model: EvalModel, args) -> dict:
 
 
 def evaluate(args) -> list[dict]:
+    from thinksafe.models import check_model_source, resolve_device
+
+    # Everything checkable without a model, before any result is touched.
+    if args.device is not None:
+        resolve_device(args.device)
     model = resolve_eval_model(args.model, args.run_name, args.model_type)
+    check_model_source(model.source)
     jobs = plan_jobs(args, model, choose_backend(args.backend).name)
-    todo = []
-    for job in jobs:
-        if (job.task_dir / METRICS).exists() and not (args.overwrite or args.rescore):
-            print(f"{job.task.name}: {job.task_dir / METRICS} exists, skipped (--overwrite to redo, --rescore to re-judge)")
-            continue
-        if args.overwrite:
-            for name in (PARTIAL, GENERATIONS, METRICS):
-                (job.task_dir / name).unlink(missing_ok=True)
-        job.task_dir.mkdir(parents=True, exist_ok=True)
-        todo.append(job)
+    require_writable_dir(paths_for_name(model.run_name).results, "results directory")
+    todo = select_todo(jobs, args.overwrite, args.rescore)
 
     results = []
     for job in [j for j in todo if j.via_skythought]:

@@ -11,16 +11,19 @@ import argparse
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.io import atomic_write_json
-from thinksafe.registry import RunPaths, parse_positive_int
+from thinksafe.io import atomic_write_json, read_json, require_writable_dir, swap_in
+from thinksafe.registry import RunPaths, check_lora_rank, parse_positive_int
 from thinksafe.tracking import REPORT_CHOICES
 
 logger = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"  # written last: its presence means the run finished
+RUN_RECORD = "run_record.json"  # written first: the data hash and settings that decide the run's content
+OVERWRITE_SUFFIX = ".overwrite"  # runs/.<name>.overwrite: a replacement trained beside the finished run
 LORA_DROPOUT = 0.05  # paper
 
 
@@ -80,6 +83,34 @@ def with_recipe(args: argparse.Namespace, recipe: dict, defaults: dict) -> argpa
     for key in set(recipe) | set(defaults):
         if getattr(args, key, None) is None:
             setattr(args, key, recipe.get(key, defaults.get(key)))
+    return check_ranges(args)
+
+
+def _number(args: argparse.Namespace, key: str) -> float | None:
+    """An option's value as a number (a recipe may hold `1e-5`, which YAML reads as a string)."""
+    value = getattr(args, key, None)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"--{key.replace('_', '-')} must be a number, got {value!r}") from None
+
+
+def check_ranges(args: argparse.Namespace) -> argparse.Namespace:
+    """Values argparse accepts but training would reject only after the model loaded."""
+    if getattr(args, "rank", None) is not None:
+        check_lora_rank(args.rank, "--rank")
+    learning_rate, dropout, alpha = (_number(args, k) for k in ("learning_rate", "lora_dropout", "lora_alpha"))
+    if learning_rate is not None and not learning_rate > 0:
+        raise TrainConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise TrainConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if alpha is not None and not alpha > 0:
+        raise TrainConfigError(f"--lora-alpha must be positive, got {args.lora_alpha}")
+    max_steps = getattr(args, "max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise TrainConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {max_steps}")
     return args
 
 
@@ -152,18 +183,75 @@ def is_finished(paths: RunPaths) -> bool:
     return (paths.run_dir / RUN_INFO).exists()
 
 
-def prepare_run_dir(paths: RunPaths, overwrite: bool) -> None:
-    """Refuse a directory that holds a finished run unless --overwrite (then clear it, main process)."""
-    if is_finished(paths):
-        if not overwrite:
-            raise TrainConfigError(
-                f"{paths.run_dir} already holds a finished run; pass --overwrite to replace it"
-            )
-        state = distributed_state()
-        if state.is_main_process:
-            shutil.rmtree(paths.run_dir)
-        state.wait_for_everyone()
-    paths.logs.mkdir(parents=True, exist_ok=True)
+def overwrite_paths(paths: RunPaths) -> RunPaths:
+    """Where --overwrite trains: beside the finished run, swapped in only once it finished."""
+    staging = paths.run_dir.with_name(f".{paths.name}{OVERWRITE_SUFFIX}")
+    return replace(paths, run_dir=staging, adapter=staging / "adapter", merged=staging / "merged",
+                   checkpoints=staging / "checkpoints", logs=staging / "logs")
+
+
+def read_run_record(run_dir: Path) -> dict | None:
+    path = run_dir / RUN_RECORD
+    return read_json(path) if path.exists() else None
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else repr(value)
+
+
+def record_differences(previous: dict | None, record: dict) -> str:
+    """'' when the settings match (or the run predates records), else what differs, for one line."""
+    if previous is None:
+        return ""
+    old, new = previous.get("settings", {}), record["settings"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    parts = []
+    for key in changed:
+        part = f"{key} {_short(old.get(key))} -> {_short(new.get(key))}"
+        if key == "dataset_sha256":
+            part += f" ({previous.get('dataset')} -> {record.get('dataset')})"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def has_checkpoints(paths: RunPaths) -> bool:
+    return paths.checkpoints.is_dir() and any(paths.checkpoints.glob("checkpoint-*"))
+
+
+def prepare_run_dir(paths: RunPaths, overwrite: bool, record: dict | None = None,
+                    skip_finished: bool = False) -> RunPaths | None:
+    """Decide where this run trains, before anything is loaded; returns the paths to train into,
+    or None when `skip_finished` and the same run already finished.
+
+    A finished run is never deleted up front: --overwrite trains beside it (overwrite_paths) and
+    finish_run swaps the new one in last. A run dir whose record (data hash + settings) differs from
+    this run's is refused with what differs: resuming it would train on a mix.
+    """
+    require_writable_dir(paths.run_dir.parent, "run directory")
+    record = record or {"settings": {}}
+    work = overwrite_paths(paths) if overwrite and paths.run_dir.exists() else paths
+    differences = record_differences(read_run_record(paths.run_dir), record)
+    if work is paths and is_finished(paths):
+        if differences:
+            raise TrainConfigError(f"{paths.run_dir} holds a finished run with other data or settings: "
+                                   f"{differences}; pass --overwrite to `thinksafe train` to replace it")
+        if skip_finished:
+            return None
+        raise TrainConfigError(f"{paths.run_dir} already holds a finished run; pass --overwrite to replace it")
+    if work is paths and differences and has_checkpoints(paths):
+        raise TrainConfigError(f"{paths.run_dir} holds an unfinished run with other data or settings: "
+                               f"{differences}; pass --overwrite to `thinksafe train` to start over")
+    stale = work is not paths and record_differences(read_run_record(work.run_dir), record)
+    state = distributed_state()
+    state.wait_for_everyone()  # every process decided from the same files before the main one writes
+    if state.is_main_process:
+        if stale:  # an interrupted --overwrite of other settings: unfinished, not worth keeping
+            shutil.rmtree(work.run_dir)
+        work.logs.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(work.run_dir / RUN_RECORD, record)
+    state.wait_for_everyone()
+    return work
 
 
 def resume_checkpoint(paths: RunPaths, resume: bool = True) -> str | None:
@@ -175,17 +263,26 @@ def resume_checkpoint(paths: RunPaths, resume: bool = True) -> str | None:
     return get_last_checkpoint(str(paths.checkpoints))
 
 
-def finish_run(trainer, tokenizer, paths: RunPaths, info: dict, started: float, full_model: bool = False) -> dict:
-    """Save the adapter (or the full model, to `merged`) with the tokenizer, write run_info.json, log."""
+def finish_run(trainer, tokenizer, paths: RunPaths, info: dict, started: float, full_model: bool = False,
+               final: RunPaths | None = None) -> dict:
+    """Save the adapter (or the full model, to `merged`) with the tokenizer, write run_info.json, log.
+
+    `paths` is where the run trained; when it is an --overwrite staging dir, `final` (the run's own
+    dir) is replaced by it only now, after everything was written.
+    """
+    final = final or paths
     target = paths.merged if full_model else paths.adapter
     trainer.save_model(str(target))
-    info = {**info, "seconds": round(time.time() - started, 1), "saved": str(target),
+    saved = final.merged if full_model else final.adapter
+    info = {**info, "seconds": round(time.time() - started, 1), "saved": str(saved),
             "log_history": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(target))
         atomic_write_json(paths.run_dir / RUN_INFO, info)
+        if paths.run_dir != final.run_dir:
+            swap_in(paths.run_dir, final.run_dir)
     trainer.accelerator.wait_for_everyone()
-    logger.info("saved %s to %s in %.0f s", "model" if full_model else "adapter", target, info["seconds"])
+    logger.info("saved %s to %s in %.0f s", "model" if full_model else "adapter", saved, info["seconds"])
     return info
 
 

@@ -78,7 +78,7 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
 
     path = Path(source)
     if spec.kind in ("self", "local"):
-        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        files = local_files(source)
         if not files:
             raise DatasetError(f"{path} holds no .jsonl file")
         return [record for file in files for record in read_jsonl(file)]  # errors name file:line
@@ -129,6 +129,25 @@ def from_refusal_column(records: list[dict], name: str) -> list[dict]:
     return parsed
 
 
+def _text_field(record: dict, column: str, name: str, number: int) -> str:
+    """A row's prompt or response: present and a string, or one line naming the row."""
+    if column not in record or record[column] is None:
+        raise DatasetError(f"dataset {name} row {number}: missing {column!r}")
+    value = record[column]
+    if not isinstance(value, str):
+        raise DatasetError(f"dataset {name} row {number}: {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _row_label(record: dict, column: str, name: str, number: int) -> bool:
+    if column not in record or record[column] is None:
+        raise DatasetError(f"dataset {name} row {number}: missing {column!r}")
+    try:
+        return is_harmful_label(record[column])
+    except ThinksafeError as err:
+        raise DatasetError(f"dataset {name} row {number}: {err}") from None
+
+
 def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl: bool = False) -> list[TrainRow]:
     """Validate columns, keep rows whose response is non-empty and judged safe (when labelled).
 
@@ -147,16 +166,19 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
     if missing:
         raise DatasetError(f"dataset {name} lacks column(s) {', '.join(missing)}; it has: {', '.join(sorted(columns))}")
     rows = []
-    for record in records:
-        response = record.get(response_col) or ""
+    for number, record in enumerate(records, 1):
+        # every row is checked, not only the first: one bad row must not surface as a traceback mid-run
+        prompt = _text_field(record, prompt_col, name, number)
+        response = record.get(response_col)
+        response = "" if response is None else _text_field(record, response_col, name, number)
+        harmful = _row_label(record, label_col, name, number) if label_col else None
         verdict = record.get("response_label")
         if not response.strip() or (verdict is not None and str(verdict).strip().lower() != SAFE_RESPONSE_LABEL):
             continue
-        harmful = is_harmful_label(record[label_col]) if label_col else None
         finished = is_finished(record)
         if not finished and not (unfinished_as_kl and harmful is False):
             continue
-        rows.append(TrainRow(prompt=record[prompt_col], response=response, harmful=harmful, finished=finished))
+        rows.append(TrainRow(prompt=prompt, response=response, harmful=harmful, finished=finished))
     if not rows:
         raise DatasetError(f"dataset {name} has no rows left after filtering (empty or unsafe responses, or "
                            "`finished: false` rows, used only with --use-kl --kl-on-unfinished)")
@@ -180,6 +202,22 @@ def _closes_its_block(response: str, family) -> bool:
 
     normalized = normalize_response(response, family)
     return normalized.closed or not normalized.has_think
+
+
+def check_kl_rows(rows: list[TrainRow], name: str) -> None:
+    """--use-kl needs both kinds: benign rows carry the KL term, harmful rows the cross-entropy.
+
+    Without benign rows the run would be plain SFT named `_kl`; without harmful rows every row is a
+    KL row toward the base model, which the LoRA model equals at step 0: the loss is exactly 0 and
+    the adapter never moves.
+    """
+    benign = sum(row.harmful is False for row in rows)
+    if benign == 0:
+        raise DatasetError(f"--use-kl: dataset {name} has no benign rows (prompt_label containing 'benign'), "
+                           "so the KL term never applies; drop --use-kl or add benign rows")
+    if benign == len(rows):
+        raise DatasetError(f"--use-kl: every row of dataset {name} is benign, so nothing trains on cross-entropy "
+                           "(the loss would be 0 and the adapter would never move); add harmful rows or drop --use-kl")
 
 
 def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool) -> dict[str, list]:
@@ -247,25 +285,80 @@ class LoadedDataset(NamedTuple):
     dropped_unclosed: int  # finished rows dropped because their think block never closes
 
 
-def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, cache_root: Path | None = None,
-                       kl_on_unfinished: bool = False) -> LoadedDataset:
-    """Everything from the --dataset argument to a tokenised Dataset.
+@dataclass(frozen=True)
+class TrainData:
+    """Validated training rows and what identifies them: the dataset's content hash (sha256)."""
+
+    rows: list[TrainRow]
+    spec: DatasetSpec
+    sha256: str
+    dropped_unclosed: int = 0  # finished rows dropped because their think block never closes
+
+
+def records_sha256(records: list[dict]) -> str:
+    """A hub dataset has no local file to hash: hash its rows, canonically serialised."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def local_files(source: str) -> list[Path]:
+    path = Path(source)
+    return sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+
+
+def check_synthesized_set(files: list[Path]) -> None:
+    """A self-generated set is trained only as the set its stats.json describes (synthesize writes
+    stats.json last, with the sha256 of each row file): never a train.jsonl from another run."""
+    from thinksafe.io import read_json, sha256_of_files
+    from thinksafe.registry import SYNTH_STATS_FILE
+
+    stats_path = files[0].with_name(SYNTH_STATS_FILE)
+    recorded = read_json(stats_path).get("files_sha256", {}) if stats_path.exists() else {}
+    for path in files:
+        if path.name in recorded and recorded[path.name] != sha256_of_files([path]):
+            raise DatasetError(f"{path} is not the file its {stats_path.name} describes (an interrupted or "
+                               "mixed synthesis): rerun the same `thinksafe synthesize` command")
+
+
+def read_train_rows(dataset: str, model: ModelSpec, use_kl: bool, kl_on_unfinished: bool = False) -> TrainData:
+    """Everything about --dataset that can be checked without a tokenizer or a model: the rows,
+    their columns and labels, the KL mix, and the content hash that identifies the run's data.
 
     With `use_kl` and `kl_on_unfinished`, a self-generated dataset also reads unfinished_benign.jsonl;
     other datasets contribute their own `finished: false` benign rows.
     """
+    from thinksafe.io import sha256_of_files
+
     spec, source = dataset_source(dataset, model)
     unfinished_as_kl = use_kl and kl_on_unfinished
     records = read_records(spec, source)
+    files = local_files(source) if spec.kind in ("self", "local") else []
     if unfinished_as_kl and spec.kind == "self":
-        records += read_records(spec, unfinished_benign_source(source))
+        side_file = unfinished_benign_source(source)
+        records += read_records(spec, side_file)
+        files.append(Path(side_file))
+    if spec.kind == "self":
+        check_synthesized_set(files)
     rows, dropped = drop_unclosed(to_rows(records, dataset, need_labels=use_kl, unfinished_as_kl=unfinished_as_kl),
                                   model.family)
     if dropped:
         logger.warning("%s: dropped %d row(s) whose think block never closes", dataset, dropped)
     if not rows:
         raise DatasetError(f"dataset {dataset} has no rows left: all {dropped} open a think block they never close")
-    return LoadedDataset(build_train_dataset(rows, tokenizer, model.family, use_kl, cache_root), spec, dropped)
+    if use_kl:
+        check_kl_rows(rows, dataset)
+    sha256 = sha256_of_files(files) if files else records_sha256(records)
+    return TrainData(rows, spec, sha256, dropped)
+
+
+def load_train_dataset(dataset: str, model: ModelSpec, tokenizer, use_kl: bool, cache_root: Path | None = None,
+                       kl_on_unfinished: bool = False) -> LoadedDataset:
+    """Everything from the --dataset argument to a tokenised Dataset."""
+    data = read_train_rows(dataset, model, use_kl, kl_on_unfinished)
+    return LoadedDataset(build_train_dataset(data.rows, tokenizer, model.family, use_kl, cache_root), data.spec,
+                         data.dropped_unclosed)
 
 
 def make_collator(pad_token_id: int):

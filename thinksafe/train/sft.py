@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-scheduler-type", default=None)
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--logging-steps", type=positive_int("--logging-steps"), default=None)
+    parser.add_argument("--skip-finished", action="store_true",
+                        help="exit 0 when this run already finished with the same data and settings (pipeline reruns)")
     return parser
 
 
@@ -107,26 +109,48 @@ def training_arguments(args, paths, device: str, report_to: list[str]):
     )
 
 
+# The settings that decide what a run learns (besides its data); per-device batch size and gradient
+# checkpointing only change how it is computed, so a resume on other hardware may change them.
+CONTENT_SETTINGS = ("prompt_masking", "use_kl", "kl_on_unfinished", "kl_weighting", "rank", "lora_alpha", "lora_dropout",
+                    "target_modules", "full_finetune", "epochs", "max_steps", "learning_rate",
+                    "effective_batch_size", "max_length", "warmup_ratio", "lr_scheduler_type", "max_grad_norm",
+                    "seed")
+
+
+def run_record(args, spec, cfg: RunConfig, data) -> dict:
+    """What run_record.json holds: the dataset's content hash and every setting that decides the run."""
+    settings = {key: getattr(cfg, key) if hasattr(cfg, key) else getattr(args, key)
+                for key in CONTENT_SETTINGS}
+    return {"dataset": args.dataset, "settings": {"model": spec.source, "dataset_sha256": data.sha256, **settings}}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from thinksafe.models import default_device, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
+    from thinksafe.models import (check_model_source, default_dtype, load_model, load_tokenizer, resolve_device,
+                                  use_idle_cpu_threads)
     from thinksafe.tracking import configure_wandb
-    from thinksafe.train.data import load_train_dataset, make_collator
+    from thinksafe.train.data import build_train_dataset, make_collator, read_train_rows
     from thinksafe.train.kl import KLSFTTrainer
 
     started = time.time()
+    # Everything that can be checked without a model is checked first: arguments, device, data.
     args, spec = parse_args(argv)
+    check_model_source(spec.source)
+    device = resolve_device(args.device)
     cfg = RunConfig(model=spec, dataset=args.dataset, prompt_masking=bool(args.prompt_masking),
                     rank=args.rank, use_kl=bool(args.use_kl), epochs=args.epochs,
                     kl_on_unfinished=bool(args.use_kl and args.kl_on_unfinished),
-                    kl_weighting=args.kl_weighting if args.use_kl else DEFAULT_KL_WEIGHTING)
+                    kl_weighting=args.kl_weighting if args.use_kl else DEFAULT_KL_WEIGHTING,
+                    max_steps=args.max_steps if args.max_steps > 0 else None)
     paths = run_paths(cfg)
-    device = args.device or default_device()
+    data = read_train_rows(args.dataset, spec, cfg.use_kl, kl_on_unfinished=cfg.kl_on_unfinished)
     distributed_state(device)  # before anything asks which process is the main one
-    prepare_run_dir(paths, args.overwrite)
+    work = prepare_run_dir(paths, args.overwrite, run_record(args, spec, cfg, data), args.skip_finished)
+    if work is None:
+        print(f"{paths.run_dir} already finished with the same data and settings: skipping training")
+        return 0
     report_to = configure_wandb(args.report_to)
     tokenizer = load_tokenizer(spec.source)
-    dataset, dataset_spec, dropped_unclosed = load_train_dataset(args.dataset, spec, tokenizer, cfg.use_kl,
-                                                                 kl_on_unfinished=cfg.kl_on_unfinished)
+    dataset = build_train_dataset(data.rows, tokenizer, spec.family, cfg.use_kl)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", args.dataset, len(dataset), n_kl, paths.name)
 
@@ -140,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         import copy
 
         ref_model = copy.deepcopy(model)  # full fine-tuning: a frozen reference copy
-    training_args = training_arguments(args, paths, device, report_to)
+    training_args = training_arguments(args, work, device, report_to)
     trainer = KLSFTTrainer(
         model=model.train(),
         args=training_args,
@@ -152,23 +176,25 @@ def main(argv: list[str] | None = None) -> int:
         # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
         weighting=cfg.kl_weighting if cfg.use_kl else TOKEN_WEIGHTING,
     )
-    checkpoint = resume_checkpoint(paths, args.resume)
+    checkpoint = resume_checkpoint(work, args.resume)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     info = {
-        "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": dataset_spec.kind,
-        "rows": len(dataset), "dropped_unclosed": dropped_unclosed, "kl_rows": n_kl,
-        "kl_on_unfinished": cfg.kl_on_unfinished, "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
+        "run": paths.name, "model": spec.source, "dataset": args.dataset, "dataset_kind": data.spec.kind,
+        "dataset_sha256": data.sha256, "rows": len(dataset), "dropped_unclosed": data.dropped_unclosed,
+        "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
         "prompt_masking": cfg.prompt_masking, "use_kl": cfg.use_kl,
-        "rank": cfg.rank, "epochs": cfg.epochs, "full_finetune": args.full_finetune, "resumed_from": checkpoint,
+        "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "full_finetune": args.full_finetune, "resumed_from": checkpoint,
         "effective_batch_size": args.effective_batch_size, "learning_rate": args.learning_rate,
         "processes": trainer.accelerator.num_processes,
         "per_device_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "paths": paths.to_dict(),
     }
-    info = finish_run(trainer, tokenizer, paths, info, started, full_model=args.full_finetune)
+    info = finish_run(trainer, tokenizer, work, info, started, full_model=args.full_finetune, final=paths)
     metrics = summary_metrics(info["log_history"])
     print(f"trained {paths.name} in {info['seconds']:.0f} s: loss {metrics.get('train_loss', float('nan')):.4f}; "
           f"saved {info['saved']}")
