@@ -265,10 +265,14 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
     import datasets
     from thinksafe.train.common import distributed_state
 
-    target = (cache_root or tokenized_cache_dir()) / cache_key(rows, tokenizer, family.name, use_kl)
+    key = cache_key(rows, tokenizer, family.name, use_kl)
+    target = (cache_root or tokenized_cache_dir()) / key
     with distributed_state().main_process_first():
         if not (target / "dataset_info.json").exists():
-            dataset = datasets.Dataset.from_dict(tokenize_rows(rows, tokenizer, family, use_kl))
+            # Our content key is the fingerprint: Dataset.from_dict would hash the table with dill, which
+            # fails on Python 3.12 (pickling pyarrow's MonthDayNano type; found on the H200 image).
+            table = datasets.table.InMemoryTable.from_pydict(tokenize_rows(rows, tokenizer, family, use_kl))
+            dataset = datasets.Dataset(table, fingerprint=key)
             staging = target.with_name(target.name + ".partial")
             dataset.save_to_disk(str(staging))
             if target.exists():
