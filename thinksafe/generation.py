@@ -121,7 +121,8 @@ class HFGenerator(Generator):
         if self.model.device.type == "cpu":
             use_idle_cpu_threads()  # per call (a chunk): the machine's load changes during a long phase
         torch.manual_seed(sampling.seed)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids()[0]
+        eos = self.eos_ids()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         results: list[list[list[int]]] = [[] for _ in prompt_ids]
         # Longest prompts first: batches of similar length waste less padding.
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -138,7 +139,7 @@ class HFGenerator(Generator):
                     top_p=sampling.top_p if sampling.temperature > 0 else None,
                     top_k=sampling.top_k if sampling.temperature > 0 else None,
                     max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=self.eos_ids(),
+                    eos_token_id=eos,
                     pad_token_id=pad,
                 )
             for row, index in zip(out[:, ids.shape[1] :].tolist(), batch):
