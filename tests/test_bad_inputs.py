@@ -257,6 +257,17 @@ def test_5_learning_rate_and_dropout_fail_before_the_model_loads(flags, named, t
     one_line_error(code, err, named)
 
 
+@pytest.mark.parametrize("flags, named", [(["--temperature", "0", "--samples-per-prompt", "4"], "greedy decoding"),
+                                          (["--top-p", "0"], "top_p in (0, 1]"),
+                                          (["--temperature", "-1"], "temperature must be >= 0")])
+def test_5_bad_sampling_fails_before_the_model_loads(flags, named, tiny_qwen3, tmp_path, capsys, no_model_load):
+    prompts = write_rows(tmp_path / "p.jsonl", [{"instruction": "hi", "label": "vanilla_benign"}])
+    code, _, err = run_cli(capsys, "synthesize", "--model", str(tiny_qwen3), "--model-type", "qwen", "--prompts",
+                           str(prompts), "--out", str(tmp_path / "out"), "--device", "cpu", *flags)
+    one_line_error(code, err, named)
+    assert not (tmp_path / "out").exists()
+
+
 def test_5_grpo_sh_checks_that_the_gpu_ids_exist(tmp_path):
     prompts = write_rows(tmp_path / "p.jsonl", [{"instruction": "hi", "prompt_label": "vanilla_benign"}])
     env = {"THINKSAFE_OUTPUT_DIR": str(tmp_path / "out"), "THINKSAFE_GPU_COUNT": "1"}

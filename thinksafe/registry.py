@@ -31,6 +31,18 @@ class Sampling:
     n: int = 1
     seed: int = 42
 
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or (self.top_k is not None and self.top_k < 0):
+            raise ThinksafeError(f"bad sampling: temperature must be >= 0, top_p in (0, 1], top_k >= 0 "
+                                 f"(got {self.temperature}, {self.top_p}, {self.top_k})")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ThinksafeError(f"bad sampling: max_new_tokens and the samples per prompt must be >= 1 "
+                                 f"(got {self.max_new_tokens}, {self.n})")
+        if self.temperature == 0 and self.n > 1:
+            # vLLM refuses n > 1 under greedy decoding; transformers would return n copies of one answer.
+            raise ThinksafeError(f"temperature 0 is greedy decoding: its {self.n} samples per prompt would be "
+                                 "identical; use 1 sample per prompt or a temperature above 0")
+
     def replace(self, **overrides) -> "Sampling":
         values = asdict(self)
         values.update({k: v for k, v in overrides.items() if v is not None})
