@@ -210,7 +210,8 @@ def test_4_rerun_of_a_finished_run_skips_training_and_appends_logs(tiny_qwen3, c
 
     plan = {"model_type": "demo", "size": "135M", "dataset": "thinksafe", "rank": "4", "epochs": "1",
             "prompt_masking": "true", "use_kl": "false", "kl_on_unfinished": "false", "kl_weighting": "row", "devices": "cpu",
-            "num_devices": "0", "path_logs": str(tmp_path / "logs"), "path_adapter": str(run_dir / "adapter")}
+            "num_devices": "0", "path_logs": str(tmp_path / "logs"), "path_adapter": str(run_dir / "adapter"),
+            "path_run_dir": str(run_dir), "record": {"family": "demo", "sft": {}}}
     steps = []
     real_run_step = pipeline.run_step
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
@@ -245,7 +246,7 @@ def test_5_synthesize_checks_an_unavailable_guard_before_generating(tiny_qwen3, 
 
 def test_5_rank_has_an_upper_bound_at_plan_time(capsys):
     code, _, err = run_cli(capsys, "plan", "cpu", "qwen", "0.6B", "thinksafe", "false", "true", "1" + "0" * 23)
-    one_line_error(code, err, "rank must be at most")
+    one_line_error(code, err, "--rank must be a positive integer, at most")
 
 
 @pytest.mark.parametrize("flags, named", [(["--learning-rate", "-1"], "--learning-rate must be positive"),

@@ -1,14 +1,20 @@
-"""What `./scripts/train_and_eval.sh cpu demo` runs: the stage commands come from the demo recipe."""
+"""What `./scripts/train_and_eval.sh cpu demo` runs: each stage resolves the demo recipe, whether the
+pipeline or a script started it (the commands are parsed back, as the stages parse them)."""
 
 from pathlib import Path
 
-from thinksafe import pipeline
+from thinksafe import pipeline, synthesize
+from thinksafe.config import recipe_values
 from thinksafe.plan import resolve_plan
-from thinksafe.recipes import load_recipe
+from thinksafe.train import sft as train_sft
 
 
 def flag(cmd: list[str], name: str) -> str:
     return cmd[cmd.index(name) + 1]
+
+
+def stage_args(cmd: list[str]) -> list[str]:
+    return cmd[cmd.index("thinksafe") + 2:]  # [python, -m, thinksafe, <stage>, args...]
 
 
 def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
@@ -17,21 +23,21 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((name, cmd, log)))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
 
-    sft = load_recipe("demo", "sft")
-    assert (plan["rank"], plan["epochs"]) == (str(sft["rank"]), str(sft["epochs"]))
+    sft = recipe_values("demo", "sft")
+    assert plan["rank"] == str(sft["lora_r"]) and plan["epochs"] == "3"  # the recipe's rank, the paper's epochs
     assert plan["guard"] == "refusal-judge"
 
     pipeline.synthesize_if_needed(plan)
     (name, cmd, log), = steps
-    synth = load_recipe("demo", "synthesize")
-    assert name == "synthesize" and flag(cmd, "--guard") == "refusal-judge"
-    assert flag(cmd, "--samples-per-prompt") == str(synth["samples_per_prompt"])
-    assert flag(cmd, "--max-new-tokens") == str(synth["max_new_tokens"])
-    assert flag(cmd, "--steer-prefix") == synth["steer_prefix"]
-    assert synth["keep_unfinished_benign"] is True and "--keep-unfinished-benign" in cmd
-    assert flag(cmd, "--out") == plan["data_dir"] and Path(log).parent == Path(plan["data_dir"])
+    synth = recipe_values("demo", "synthesize")
+    cfg = synthesize.config_from_args(synthesize.parse_args(stage_args(cmd)))
+    assert name == "synthesize" and cfg.guard == "refusal-judge" and cfg.out == Path(plan["data_dir"])
+    assert (cfg.sampling.n, cfg.sampling.max_new_tokens) == (synth["samples_per_prompt"], synth["max_new_tokens"])
+    assert cfg.steer_prefix == synth["steer_prefix"] and cfg.keep_unfinished_benign is True
+    assert cfg.max_kept_per_prompt == synth["max_kept_per_prompt"] and cfg.prompts == "demo"
+    assert Path(log).parent == Path(plan["data_dir"])
 
-    # the KL run's name, and the flag `train` gets, come from the recipe's sft section
+    # the KL run's name, and what `train` parses from the run record, come from the recipe's sft section
     kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
     assert sft["kl_on_unfinished"] is True and kl_plan["kl_on_unfinished"] == "true"
     assert kl_plan["run_name"] == plan["run_name"] + "_kl_unfinished" and plan["kl_on_unfinished"] == "false"
@@ -40,15 +46,25 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     Path(kl_plan["path_adapter"]).mkdir(parents=True)  # what a finished train step leaves
     pipeline.train(kl_plan)
     (name, cmd, log), = steps
-    assert flag(cmd, "--use-kl") == "true" and flag(cmd, "--kl-on-unfinished") == "true"
+    model_cfg, run, trained = train_sft.parse_args([*stage_args(cmd), "--device", "cpu", "--report_to", "none"])
+    assert trained.use_kl and trained.kl_on_unfinished and model_cfg.lora_r == sft["lora_r"]
+    assert trained.per_device_train_batch_size == sft["per_device_train_batch_size"]  # recipe, not in the record
+    assert train_sft.run_config(model_cfg, run, trained).model.family.name == "demo"
+    assert run_name_of(model_cfg, run, trained) == kl_plan["run_name"]
 
     monkeypatch.setattr(pipeline, "run_tasks_on_devices", lambda tasks, devices: [(t, 0) for t in tasks])
     results = pipeline.evaluate(plan)
-    evaluate = load_recipe("demo", "evaluate")
+    evaluate = recipe_values("demo", "evaluate")
     assert [t.name for t, _ in results] == evaluate["tasks"] * 2  # the trained run, then the base model
     assert {t.run_name for t, _ in results} == {plan["run_name"], plan["base_run_name"]}
     extra = results[0][0].extra
     assert flag(extra, "--n") == str(evaluate["n"]) and flag(extra, "--limit") == str(evaluate["limit"])
+
+
+def run_name_of(model_cfg, run, trained) -> str:
+    from thinksafe.registry import run_paths
+
+    return run_paths(train_sft.run_config(model_cfg, run, trained)).name
 
 
 def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(monkeypatch, output_root):
@@ -66,7 +82,7 @@ def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(mon
     # synthesis reruns with the flag, resuming from its logs
     pipeline.synthesize_if_needed(kl_plan)
     (cmd,) = steps
-    assert "--keep-unfinished-benign" in cmd
+    assert synthesize.parse_args(stage_args(cmd)).keep_unfinished_benign is True
     (data_file.parent / "unfinished_benign.jsonl").write_text("")
     pipeline.synthesize_if_needed(kl_plan)
     assert len(steps) == 1  # both files there: skipped

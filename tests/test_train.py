@@ -107,7 +107,7 @@ def test_bad_inputs_are_one_line_errors(tiny_qwen3, tmp_path, output_root, capsy
     no_label.write_text(json.dumps({"instruction": "q", "response": "r"}) + "\n")
     cases = [
         ([str(good), "--rank", "0"], "--rank must be a positive integer"),
-        ([str(good), "--rank", "abc"], "--rank must be a positive integer"),
+        ([str(good), "--rank", "abc"], "--rank: invalid int value: 'abc'"),
         ([str(no_response)], "lacks column(s) response"),
         ([str(unsafe)], "no rows left after filtering"),
         ([str(no_label), "--use-kl"], "needed by --use-kl"),

@@ -137,12 +137,12 @@ def check_model_name(model: str) -> None:
 
 
 def parse_args(argv: list[str] | None):
-    from thinksafe.recipes import load_recipe
+    from thinksafe.config import recipe_values
 
     args = build_parser().parse_args(argv)
     check_model_name(args.model)
     spec = resolve_model(args.model, args.size)
-    with_recipe(args, load_recipe(spec.family.name, "grpo"), DEFAULTS)
+    with_recipe(args, recipe_values(spec.family.name, "grpo"), DEFAULTS)
     args.guard = args.guard or spec.family.default_guard
     if args.effective_batch_size % args.num_generations:
         raise TrainConfigError(
@@ -357,7 +357,7 @@ def parse_gpu_ids(value: str) -> list[str]:
 
 def launch_plan(args, spec, gpu_ids: str) -> dict:
     """Everything scripts/grpo.sh needs, validated: mode, GPU split, ports, server settings."""
-    from thinksafe.recipes import CONFIG_DIR
+    from thinksafe.config.parse import CONFIG_DIR
     from thinksafe.serving import free_ports
     from thinksafe.train.data import dataset_source
 

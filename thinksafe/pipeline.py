@@ -4,9 +4,9 @@ synthesize (if the run trains on this model's own data and it is not there yet) 
 listed devices -> merge -> evaluate the base model and the trained one, one task per free device,
 reasoning tasks first -> report. Each step is a subprocess of `python -m thinksafe <stage>`, so a
 step's failure never loses an earlier step's files, and each evaluation task writes its own log.
-Stage options beyond the positional arguments come from the family's recipe
-(configs/recipes/<family>.yaml, sections `synthesize:` and `evaluate:`), or from the file named by
-THINKSAFE_RECIPE (used by the tests for tiny limits).
+The plan's typed stage configs are written once, as the run record `<run dir>/run_plan.yaml`, and
+each stage reads its section with `--config`; every stage also reads its family's recipe
+(configs/recipes/<family>/<stage>.yaml) and THINKSAFE_RECIPE (the tests' tiny limits) itself.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.plan import POSITIONAL, resolve_plan
-from thinksafe.recipes import recipe_section
+from thinksafe.config import recipe_values
+from thinksafe.io import atomic_write_text
 from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
+
+RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as the plan resolved it
 
 REASONING_TASKS = ("aime24", "gpqa_diamond", "math500", "gsm8k")
 SAFETY_TASKS = ("harmbench", "strongreject", "wildjailbreak", "xstest")
@@ -126,7 +129,7 @@ def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Ta
 
 def evaluation_tasks(family: str) -> list[str]:
     """Reasoning tasks first, then safety (paper order); the recipe may name others (the demo)."""
-    tasks = recipe_section(family, "evaluate").get("tasks")
+    tasks = recipe_values(family, "evaluate").get("tasks")
     if tasks:
         return [tasks] if isinstance(tasks, str) else list(tasks)
     return [*REASONING_TASKS, *SAFETY_TASKS]
@@ -136,17 +139,15 @@ def synthesize_if_needed(plan: dict) -> None:
     if plan.get("dataset_kind") != "self":
         return
     data_file = Path(plan["data_file"])
-    options = recipe_section(plan["model_type"], "synthesize")
     needs_side_file = plan.get("kl_on_unfinished") == "true"
-    if needs_side_file:
-        options = {**options, "keep_unfinished_benign": True}
     # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
     side_file_missing = needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
     if data_file.exists() and not side_file_missing:
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
+    # The stage reads the family's synthesis recipe itself (scripts/synthesize.sh gets the same data).
     cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],
-                        "--out", plan["data_dir"], *options_to_flags(options))
+                        "--out", plan["data_dir"], *(["--keep-unfinished-benign", "true"] if needs_side_file else []))
     run_step("synthesize", cmd, Path(plan["data_dir"]) / "synthesize.log", env=device_env(first_device(plan)))
 
 
@@ -158,11 +159,7 @@ def train(plan: dict) -> None:
     # `thinksafe train` derives the run name from the same registry call as the plan; we check it.
     # --skip-finished: a rerun of a finished run (same data hash and settings) goes on to evaluation;
     # one whose data or settings changed is refused by train with what differs.
-    args = ["--model", f"{plan['model_type']}/{plan['size']}", "--dataset", plan["dataset"],
-            "--rank", plan["rank"], "--epochs", plan["epochs"], "--prompt-masking", plan["prompt_masking"],
-            "--use-kl", plan["use_kl"], "--kl-on-unfinished", plan["kl_on_unfinished"],
-            "--kl-weighting", plan["kl_weighting"], "--skip-finished"]
-    args += options_to_flags(recipe_section(plan["model_type"], "train"))
+    args = ["--config", str(write_run_plan(plan)), "--skip-finished"]
     if plan["devices"] == "cpu" or plan["num_devices"] == "1":
         cmd = thinksafe_cmd("train", *args)
     else:
@@ -174,6 +171,16 @@ def train(plan: dict) -> None:
         raise StepFailed(f"train finished but wrote no adapter at {plan['path_adapter']}")
 
 
+def write_run_plan(plan: dict) -> Path:
+    """The run record `train` reads (typed YAML, no flags rebuilt from strings)."""
+    import yaml
+
+    path = Path(plan["path_run_dir"]) / RUN_PLAN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(plan["record"], sort_keys=False))
+    return path
+
+
 def merge(plan: dict) -> None:
     cmd = thinksafe_cmd("merge", plan["path_run_dir"])
     run_step("merge", cmd, Path(plan["path_logs"]) / "merge.log", env=device_env(first_device(plan)))
@@ -181,7 +188,7 @@ def merge(plan: dict) -> None:
 
 def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
     names = evaluation_tasks(plan["model_type"])
-    extra = options_to_flags(recipe_section(plan["model_type"], "evaluate"), skip=("tasks",))
+    extra = options_to_flags(recipe_values(plan["model_type"], "evaluate"), skip=("tasks",))
     model_arg = f"{plan['model_type']}/{plan['size']}"
     tasks: list[Task] = []
     if include_trained:

@@ -14,16 +14,13 @@ import os
 import re
 import sys
 
-from thinksafe.recipes import load_recipe, recipe_section
 from thinksafe.registry import (
-    DEFAULT_KL_WEIGHTING,
     GUARDS,
     REFUSAL_JUDGE,
     SELF_GENERATED,
     SYNTH_TRAIN_FILE,
     MODEL_TYPES,
     RegistryError,
-    RunConfig,
     base_paths,
     get_family,
     parse_bool,
@@ -92,13 +89,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     size = given["size"] or family.default_size
     if size not in family.sizes:
         raise PlanError(f"size {size!r} is not a {family.name} size; choose one of: {', '.join(family.sizes)}")
-    recipe = load_recipe(family.name, "sft")
-    rank = parse_positive_int(given["rank"] or recipe.get("rank", 32), "rank")
-    epochs = parse_positive_int(given["epochs"] or recipe.get("epochs", 3), "epochs")
     use_kl = parse_bool(given["use_kl"], "use_kl")
-    # Like rank and epochs, from the family's recipe; the pipeline passes it to `train` explicitly.
-    kl_on_unfinished = use_kl and parse_bool(recipe.get("kl_on_unfinished", False), "kl_on_unfinished")
-    kl_weighting = str(recipe.get("kl_weighting", DEFAULT_KL_WEIGHTING)) if use_kl else DEFAULT_KL_WEIGHTING
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
     devices = parse_devices(given["devices"], check_visible=check_devices)
     model = resolve_model(family.name, size)
@@ -106,12 +97,19 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         dataset = resolve_dataset(given["dataset"], family)
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
-    # A recipe that stops training early (the tests' tiny one) names its run apart, as `train` does.
-    early_stop = int(recipe_section(family.name, "train").get("max_steps", -1))
-    max_steps = early_stop if early_stop > 0 else None
-    cfg = RunConfig(model=model, dataset=given["dataset"], prompt_masking=prompt_masking, rank=rank,
-                    use_kl=use_kl, epochs=epochs, kl_on_unfinished=kl_on_unfinished, kl_weighting=kl_weighting,
-                    max_steps=max_steps)
+    from thinksafe.train.sft import parse_args as parse_sft, run_config
+
+    for name in ("rank", "epochs"):
+        if given[name]:
+            parse_positive_int(given[name], name)
+    # The run is named from the same typed config `train` will parse (recipe and all), so the two agree.
+    sft_argv = ["--model", family.name, "--size", size, "--dataset", given["dataset"], "--use_kl", str(use_kl),
+                "--completion_only_loss", str(prompt_masking), "--device", "cpu", "--report_to", "none"]
+    sft_argv += [*(["--lora_r", str(given["rank"])] if given["rank"] else []),
+                 *(["--num_train_epochs", str(given["epochs"])] if given["epochs"] else [])]
+    model_cfg, run, sft = parse_sft(sft_argv)
+    cfg = run_config(model_cfg, run, sft)
+    rank, epochs, kl_on_unfinished, kl_weighting = cfg.rank, cfg.epochs, cfg.kl_on_unfinished, cfg.kl_weighting
     paths = run_paths(cfg)
     plan = {
         "devices": ",".join(devices),
@@ -132,11 +130,22 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         **{f"path_{k}": v for k, v in paths.to_dict().items() if k != "name"},
         "base_run_name": base_paths(model).name,
         "base_results": str(base_paths(model).results),
+        "record": record(family.name, model_cfg, run, sft),
     }
     if dataset.kind == "self":
         data_dir = synthesized_data_dir(model, dataset.source)
         plan.update(guard=dataset.source, data_dir=str(data_dir), data_file=str(data_dir / SYNTH_TRAIN_FILE))
     return plan
+
+
+def record(family: str, model_cfg, run, sft) -> dict:
+    """The run record's stage sections: what each stage is given, typed (pipeline writes it as YAML
+    and passes it as `--config`); the stages read their family's recipe themselves."""
+    from thinksafe.train.sft import content_settings
+
+    sft_section = {"model_name_or_path": model_cfg.model_name_or_path, "size": model_cfg.size,
+                   "dataset": run.dataset, **content_settings(model_cfg, sft)}
+    return {"family": family, "sft": sft_section}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan, indent=2))
     else:
         for key, value in plan.items():
-            print(f"{key}\t{value}")
+            if key != "record":  # typed sections: JSON only
+                print(f"{key}\t{value}")
     return 0
 
 

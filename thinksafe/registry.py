@@ -74,6 +74,8 @@ class Family:
     slug_prefix: str = ""
     dataset_prefix: str = ""  # prefix of the published ThinkSafe dataset short names
     default_guard: str = "llama-guard-3"  # the guard that filters this family's self-generated data
+    synthesis_prompts: str = "safechain"  # the prompts it self-generates on (paper: UWNSL/SafeChain)
+    eval_data: str = "hub"  # where its benchmarks come from: the hub, or the bundled copies (eval/data)
 
     def hub_id(self, size: str) -> str:
         if size not in self.sizes:
@@ -121,6 +123,8 @@ FAMILIES: dict[str, Family] = {
         reasoning=False,
         slug_prefix="smollm2",
         default_guard="refusal-judge",
+        synthesis_prompts="demo",  # eval/prompts/demo_train.jsonl: no hub on the demo's machine
+        eval_data="bundled",
     ),
 }
 

@@ -16,7 +16,6 @@ a row; train.jsonl and stats.json are written atomically at the end.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from thinksafe.io import (
     swap_in,
 )
 from thinksafe.models import check_model_source, free_accelerator_memory, resolve_device
-from thinksafe.prompts import DEMO_PROMPTS, DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
+from thinksafe.prompts import DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
 from thinksafe.registry import (
     REFUSAL_JUDGE,
     SYNTH_STATS_FILE,
@@ -56,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 STEER_PREFIX = "The following prompt is harmful. You should refuse to answer the prompt.\n\nPrompt:\n\n"
 RESPONSE_LABEL = "safe"
-DEFAULT_PROMPTS = "safechain"
 HARMFUL, BENIGN = "harmful", "benign"
 GROUPS = (HARMFUL, BENIGN)
 
@@ -617,67 +615,26 @@ def summary(result: SynthResult) -> str:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def parse_args(argv: list[str] | None):
+    """Flags over --config over the family's recipe (configs/recipes/<family>/synthesize.yaml) over
+    the defaults: so `scripts/synthesize.sh cpu demo` writes the same data as the demo pipeline."""
+    from thinksafe.config import parse_training
+    from thinksafe.config.synthesis import SynthesisArguments
+
+    (args,) = parse_training("synthesize", (SynthesisArguments,), argv, "thinksafe synthesize")
+    return args
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="thinksafe synthesize",
-        description="Self-generate responses (harmful prompts refusal-steered), keep what the guard judges safe, "
-                    "write <out>/train.jsonl and stats.json. Resumable: rerun the same command after a kill.",
-    )
-    p.add_argument("--model", required=True, help="model_type/size (qwen/0.6B), model_type, demo, hub id or dir")
-    p.add_argument("--model-type", help="family of a hub id / dir when its name does not say (qwen, r1-distill, demo)")
-    p.add_argument("--prompts", help=f"safechain (UWNSL/SafeChain train), {DEMO_PROMPTS} (bundled), a .json/.jsonl/.csv "
-                   "file or a hub dataset id (default: demo for the demo family, else safechain)")
-    p.add_argument("--instruction-column", default="instruction")
-    p.add_argument("--label-column", default="label", help="labels containing 'harmful' or 'benign'")
-    p.add_argument("--guard", help="llama-guard-3, llama-guard-3-1b, wildguard, refusal-judge, a hub id or dir "
-                   "(default: the family's, see registry)")
-    p.add_argument("--guard-style", choices=("llama-guard", "wildguard"),
-                   help="how to use a guard model whose name does not say (llama-guard: any chat LM, P(safe) vs P(unsafe))")
-    p.add_argument("--out", type=Path, help="output dir (default: registry.synthesized_data_dir(model, guard))")
-    p.add_argument("--limit", type=_positive_int, help="use the first N prompts")
-    p.add_argument("--debug", action="store_true", help=f"use the first {DEBUG_PROMPTS} prompts (paper)")
-    p.add_argument("--samples-per-prompt", type=_positive_int, default=1, help="n samples per prompt (paper: 1)")
-    p.add_argument("--max-kept-per-prompt", type=_positive_int, help="keep at most this many rows per prompt")
-    p.add_argument("--keep-unfinished-benign", action="store_true",
-                   help=f"also judge benign samples cut at the token limit; the safe ones go to {UNFINISHED_BENIGN_FILE} "
-                        "(KL rows for `thinksafe train --use-kl --kl-on-unfinished`, never CE targets)")
-    p.add_argument("--steer-prefix", default=STEER_PREFIX, help="prepended to harmful prompts (default: the paper's)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation and guard backend")
-    p.add_argument("--device", help="transformers device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="transformers generation batch size")
-    p.add_argument("--guard-batch-size", type=_positive_int, default=8, help="transformers guard batch size")
-    p.add_argument("--chunk-size", type=_positive_int, help="prompts per resumable chunk (default: by backend)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int, help="0 disables top-k")
-    p.add_argument("--max-new-tokens", type=_positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--push-to-hub", metavar="REPO", help="also push train.jsonl as a hub dataset")
-    p.add_argument("--overwrite", action="store_true", help="discard logs of an earlier run in --out")
-    p.add_argument("--trust-remote-code", action="store_true")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> SynthConfig:
+def config_from_args(args) -> SynthConfig:
     model = resolve_model(args.model, model_type=args.model_type)
     family = model.family
     guard = args.guard or family.default_guard
     sampling = family.sampling.replace(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                        max_new_tokens=args.max_new_tokens, seed=args.seed, n=args.samples_per_prompt)
-    prompts = args.prompts or (DEMO_PROMPTS if family.name == "demo" else DEFAULT_PROMPTS)
+    prompts = args.prompts or family.synthesis_prompts
     limit = args.limit or (DEBUG_PROMPTS if args.debug else None)
     return SynthConfig(
-        model=model, prompts=prompts, guard=guard, out=args.out or synthesized_data_dir(model, guard),
+        model=model, prompts=prompts, guard=guard, out=Path(args.out) if args.out else synthesized_data_dir(model, guard),
         sampling=sampling, guard_style=args.guard_style, limit=limit, max_kept_per_prompt=args.max_kept_per_prompt,
         keep_unfinished_benign=args.keep_unfinished_benign, steer_prefix=args.steer_prefix, backend=args.backend,
         device=args.device, batch_size=args.batch_size,
@@ -688,8 +645,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = synthesize(config_from_args(args))
+    result = synthesize(config_from_args(parse_args(argv)))
     print(summary(result), flush=True)
     return 0
 

@@ -179,6 +179,16 @@ def shared_trainer_kwargs(args, paths: RunPaths, device: str, report_to: list[st
     )
 
 
+def place_trainer(config, paths: RunPaths) -> None:
+    """Fill what the config cannot know before the run is placed: where it writes, its name, and how
+    the effective batch splits over this launch's processes (a TRL config is a mutable dataclass)."""
+    per_device, accumulation = batch_split(config.effective_batch_size, config.per_device_train_batch_size,
+                                           num_processes())
+    config.output_dir, config.run_name = str(paths.checkpoints), paths.name
+    config.per_device_train_batch_size, config.gradient_accumulation_steps = per_device, accumulation
+    config.data_seed = config.seed
+
+
 def is_finished(paths: RunPaths) -> bool:
     return (paths.run_dir / RUN_INFO).exists()
 

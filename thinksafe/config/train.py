@@ -1,0 +1,152 @@
+"""Training configs: TRL's dataclasses with the paper's values as their defaults.
+
+Each default below is written here and nowhere else (seanie12/ThinkSafe train.py and grpo_train.py
+for the values; docs/paper.md for where the original's behaviour differs). Where a TRL field already
+has the paper's value (seed 42, max_grad_norm 1.0, lora_dropout 0.05, 3 epochs) it is not repeated.
+Aliases keep the scripts' short flags (--rank, --epochs, --prompt-masking) working beside TRL's names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import GRPOConfig, ModelConfig, SFTConfig
+
+from thinksafe.config.parse import ConfigError
+from thinksafe.registry import MAX_LORA_RANK
+
+REPORT_CHOICES = ("auto", "wandb", "offline", "none")
+
+
+def _alias(*flags: str, help: str = "") -> dict:
+    return {"aliases": list(flags), "help": help}
+
+
+@dataclass
+class ThinkSafeModelConfig(ModelConfig):
+    """Which model and which adapter (TRL's ModelConfig: --lora_r, --lora_target_modules, ...)."""
+
+    model_name_or_path: str | None = field(default=None, metadata=_alias(
+        "--model", help="family (qwen, r1-distill, demo), family/size, hub id or dir"))
+    size: str | None = field(default=None, metadata={"help": "model size when --model is a family, e.g. 1.7B"})
+    model_type: str | None = field(default=None, metadata={"help": "family of a hub id or dir whose name does not say"})
+    dtype: str | None = field(default=None, metadata={"help": "default: bfloat16 on GPU, float32 on CPU"})
+    use_peft: bool = field(default=True, metadata={"help": "LoRA (paper); false trains every weight"})
+    lora_r: int = field(default=32, metadata=_alias("--rank", help="LoRA rank"))
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank/2, as the paper)"})
+    # lora_target_modules None: PEFT's defaults for the architecture (q_proj, v_proj for Qwen), as the paper.
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ConfigError("--model is required")
+        super().__post_init__()
+        if not 1 <= self.lora_r <= MAX_LORA_RANK:
+            raise ConfigError(f"--rank must be a positive integer, at most {MAX_LORA_RANK}, got {self.lora_r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = self.lora_r / 2
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class RunArguments:
+    """How a training run is placed and resumed (not what it learns)."""
+
+    dataset: str | None = field(default=None, metadata={
+        "help": "thinksafe[-<guard>] (self-generated), a published short name, a hub id, or a JSONL path"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in the same directory"})
+    resume: bool = field(default=True, metadata={"help": "resume from this run's last checkpoint"})
+    skip_finished: bool = field(default=False, metadata={
+        "help": "exit 0 when this run already finished with the same data and settings (pipeline reruns)"})
+
+
+@dataclass
+class _ThinkSafeTrainerMixin:
+    """Fields SFT and GRPO share, and the checks that must come before a model loads."""
+
+    effective_batch_size: int = field(default=8, metadata=_alias(
+        "--effective-batch-size", help="sequences per optimizer step over all processes"))
+    report_to: str = field(default="auto", metadata={
+        "choices": REPORT_CHOICES, "help": "wandb when logged in (auto), offline, or none; never prompts"})
+    # not `device`: TrainingArguments.device is the torch device it sets up
+    target_device: str | None = field(default=None, metadata=_alias(
+        "--device", help="cuda or cpu (default: cuda when available)"))
+
+    def check_and_place(self) -> None:
+        from thinksafe.models import resolve_device
+        from thinksafe.tracking import configure_wandb
+
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {self.max_steps}")
+        if self.effective_batch_size < 1:
+            raise ConfigError(f"--effective-batch-size must be a positive integer, got {self.effective_batch_size}")
+        self.target_device = resolve_device(self.target_device)
+        on_gpu = self.target_device.startswith("cuda")
+        self.bf16, self.use_cpu = on_gpu, not on_gpu
+        if isinstance(self.report_to, str) and self.report_to in REPORT_CHOICES:
+            self.report_to = configure_wandb(self.report_to)  # TRL starts wandb itself: mode set first
+
+
+@dataclass
+class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
+    """LoRA-SFT on (prompt, safe response) rows; benign rows optionally on forward KL to the base."""
+
+    # ThinkSafe's options
+    use_kl: bool = field(default=False, metadata=_alias(
+        "--use-kl", help="benign rows: forward KL(base || model) instead of cross-entropy"))
+    kl_on_unfinished: bool = field(default=False, metadata={
+        "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
+    kl_weighting: Literal["row", "token"] = field(default="row", metadata={
+        "help": "with use_kl: 'row' (the paper's: mean over rows of each row's per-token mean) or 'token'"})
+    # The paper's values where TRL's differ
+    completion_only_loss: bool = field(default=True, metadata=_alias(
+        "--prompt-masking", "--prompt_masking", help="loss on the response only (paper: true)"))
+    num_train_epochs: float = field(default=3.0, metadata=_alias("--epochs"))
+    learning_rate: float = 1e-5
+    per_device_train_batch_size: int = field(default=1, metadata=_alias("--per-device-batch-size"))
+    max_length: int | None = 16384
+    warmup_steps: float = field(default=0.1, metadata=_alias(
+        "--warmup-ratio", "--warmup_ratio", help="a value below 1 is a ratio of the total steps (paper: 0.1)"))
+    lr_scheduler_type: str = "cosine"
+    logging_steps: float = 1
+    save_strategy: str = "epoch"  # one save per epoch: the checkpoints a resume picks up
+    remove_unused_columns: bool = False  # the collator reads each row's `kl` flag
+
+    def __post_init__(self):
+        if not self.use_kl:
+            self.kl_on_unfinished, self.kl_weighting = False, "row"  # KL options mean nothing without KL
+        if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
+            raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
+        self.check_and_place()
+        super().__post_init__()
+
+
+@dataclass
+class ThinkSafeGRPOConfig(_ThinkSafeTrainerMixin, GRPOConfig):
+    """The GRPO baseline (seanie12/ThinkSafe grpo.sh / grpo_train.py); docs/grpo.md."""
+
+    num_train_epochs: float = field(default=1.0, metadata=_alias("--epochs"))
+    learning_rate: float = 1e-5
+    effective_batch_size: int = field(default=64, metadata=_alias(
+        "--effective-batch-size", help="completions per optimizer step (8 prompts x 8 generations)"))
+    per_device_train_batch_size: int = field(default=1, metadata=_alias("--per-device-batch-size"))
+    beta: float = 0.04
+    max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are dropped (counted), never cut"})
+    temperature: float = 0.7
+    max_completion_length: int = 16384
+    loss_type: str = "grpo"  # the paper's; TRL 1.x defaults to dapo
+    # TRL 0.21 (the paper's) had neither correction; TRL 1.x turns both on (docs/grpo.md)
+    use_bias_correction_kl: bool = False
+    vllm_importance_sampling_correction: bool = False
+    warmup_steps: float = field(default=0.1, metadata=_alias("--warmup-ratio", "--warmup_ratio"))
+    lr_scheduler_type: str = "cosine"
+    logging_steps: float = 20
+
+    def __post_init__(self):
+        self.check_and_place()
+        super().__post_init__()
