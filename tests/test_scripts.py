@@ -55,6 +55,51 @@ def test_synthesize_script_bad_arguments(args, named):
     assert result.returncode == 2 and named in result.stderr
 
 
+RESOLVED_SYNTHESIS = """
+import json, sys
+from thinksafe.synthesize import config_from_args, parse_args
+cfg = config_from_args(parse_args(sys.argv[1:]))
+print(json.dumps({**cfg.manifest(), "out": str(cfg.out), "n": cfg.sampling.n, "limit": cfg.limit,
+                  "max_kept_per_prompt": cfg.max_kept_per_prompt, "batch_size": cfg.batch_size,
+                  "keep_unfinished_benign": cfg.keep_unfinished_benign}))
+"""
+
+
+def test_synthesize_script_resolves_the_demo_recipe_as_the_pipeline_does(tmp_path, monkeypatch):
+    """scripts/synthesize.sh cpu demo and the pipeline's synthesis resolve the same configuration (the
+    demo recipe's), so the data the script writes is the data `train_and_eval.sh cpu demo` trains on."""
+    import sys
+
+    from thinksafe import pipeline
+    from thinksafe.config import recipe_values
+    from thinksafe.plan import resolve_plan
+
+    resolver = tmp_path / "resolve.py"
+    resolver.write_text(RESOLVED_SYNTHESIS)
+    shim = tmp_path / "python"  # the scripts run "${PYTHON}" -m thinksafe <stage>: resolve, don't generate
+    shim.write_text(f'#!/usr/bin/env bash\nif [[ "$3" == synthesize ]]; then shift 3; exec "{sys.executable}" '
+                    f'"{resolver}" "$@"; fi\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = {"PYTHON": str(shim), "THINKSAFE_OUTPUT_DIR": str(tmp_path / "outputs")}
+    monkeypatch.delenv("THINKSAFE_RECIPE", raising=False)
+    result = run_script("synthesize.sh", "cpu", "demo", env={**env, "THINKSAFE_RECIPE": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    from_script = json.loads(result.stdout.strip().splitlines()[-1])
+
+    monkeypatch.setenv("THINKSAFE_OUTPUT_DIR", env["THINKSAFE_OUTPUT_DIR"])
+    steps = []
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
+    pipeline.synthesize_if_needed(resolve_plan({"devices": "cpu", "model_type": "demo"}))
+    done = subprocess.run([sys.executable, str(resolver), *steps[0][4:]], capture_output=True, text=True, check=True)
+    from_pipeline = json.loads(done.stdout.strip().splitlines()[-1])
+
+    recipe = recipe_values("demo", "synthesize")
+    assert from_script == from_pipeline
+    assert from_script["n"] == recipe["samples_per_prompt"] and from_script["steer_prefix"] == recipe["steer_prefix"]
+    assert from_script["sampling"]["max_new_tokens"] == recipe["max_new_tokens"]
+    assert from_script["keep_unfinished_benign"] is True and from_script["batch_size"] == recipe["batch_size"]
+
+
 def test_plan_paths_match_python_registry(tmp_path):
     env = {**os.environ, "THINKSAFE_OUTPUT_DIR": str(tmp_path)}
     out = subprocess.run(["python3", "-m", "thinksafe", "plan", "cpu", "r1-distill", "7B", "thinksafe", "true",
