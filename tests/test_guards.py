@@ -9,17 +9,25 @@ import torch
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.guards import (
+    GUARD_SPECS,
     MISSING_LOGPROB,
     REFUSAL_PHRASES,
+    GuardError,
+    GuardSpec,
     LogprobGuard,
+    RefusalJudge,
     WildGuard,
     fit_to_context,
+    guard_label,
     is_refusal,
+    keep_rule,
     llama_guard_input,
     load_guard,
     logprob_verdict,
     p_safe_from_logprobs,
     parse_wildguard,
+    spec_for,
+    validate_guard_name,
     wildguard_input,
     wildguard_verdict,
 )
@@ -310,3 +318,81 @@ def test_wildguard_on_a_random_model_is_counted_unparsed(tiny_r1):
     guard = load_guard(str(tiny_r1), style="wildguard", device="cpu", backend="transformers")
     verdicts = guard.judge(PROMPTS, RESPONSES)
     assert all(not v.parsed and not v.safe for v in verdicts)
+
+
+# --- the registry: the one list of guards ---------------------------------------------------
+
+
+def _offered(message: str) -> list[str]:
+    """The guard names an error offers: '...; choose one of: a, b, a hub id or ...' -> [a, b]."""
+    return [name.strip() for name in message.split("choose one of: ", 1)[1].split(", ") if " " not in name.strip()]
+
+
+def test_every_cli_accepts_exactly_the_registered_guards(output_root, capsys):
+    from thinksafe import cli
+    from thinksafe.grpo import build_parser as grpo_parser
+    from thinksafe.plan import PlanError, resolve_plan
+    from thinksafe.registry import resolve_dataset
+
+    names = list(GUARD_SPECS)
+    with pytest.raises(PlanError) as plan_error:
+        resolve_plan({"devices": "cpu", "model_type": "demo", "guard": "nope"}, check_devices=False)
+    assert _offered(str(plan_error.value)) == names
+    assert cli.main(["synthesize", "--model", "demo", "--guard", "nope"]) == 2
+    assert _offered(capsys.readouterr().err) == names
+    assert f"reward guard: {', '.join(names)}, a hub id" in " ".join(grpo_parser().format_help().split())
+    for name in names:
+        plan = resolve_plan({"devices": "cpu", "model_type": "demo", "guard": name}, check_devices=False)
+        assert plan["guard"] == name and resolve_dataset(f"thinksafe-{name}").kind == "self"
+
+
+@pytest.mark.parametrize("call", [load_guard, validate_guard_name, guard_label])
+def test_an_unknown_guard_is_one_clear_error(call):
+    with pytest.raises(GuardError) as err:
+        call("llama-gaurd")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("unknown guard 'llama-gaurd'; choose one of: ")
+    assert _offered(message) == list(GUARD_SPECS)
+
+
+def test_the_style_of_an_unnamed_model_comes_from_its_name_or_guard_style():
+    assert spec_for("llama-guard-3") is GUARD_SPECS["llama-guard-3"]
+    trained, stand_in = "Llama-Guard (", "as a Llama-Guard-style classifier"
+    cases = {
+        ("org/WildGuard-7B", None): (WildGuard, "WildGuard ("),
+        ("org/Llama_Guard-4", None): (LogprobGuard, trained),
+        ("org/llamaguard-mini", None): (LogprobGuard, trained),
+        ("demo", None): (LogprobGuard, stand_in),
+        ("org/chat-lm", "llama-guard"): (LogprobGuard, stand_in),
+        ("org/chat-lm", "wildguard"): (WildGuard, "WildGuard ("),
+        ("llama-guard-3", "wildguard"): (WildGuard, "WildGuard (meta-llama/Llama-Guard-3-8B)"),
+        ("wildguard", "llama-guard"): (LogprobGuard, stand_in),
+    }
+    for (name, style), (kind, label) in cases.items():
+        spec = spec_for(name, style)
+        assert spec.kind is kind and label in spec.label, (name, style)
+    assert spec_for("refusal-judge", "llama-guard").kind is RefusalJudge  # no model to restyle
+    with pytest.raises(GuardError, match="cannot tell how to use 'org/chat-lm' as a guard"):
+        spec_for("org/chat-lm")
+    with pytest.raises(GuardError, match="unknown guard style 'shield'"):
+        spec_for("org/chat-lm", "shield")
+
+
+def test_judges_refusal_says_which_verdicts_carry_a_refusal():
+    carried = {"refusal-judge": load_guard("refusal-judge").judge(["p"], ["I can't."])[0].refusal,
+               "wildguard": wildguard_verdict("Harmful request: no\nResponse refusal: no\nHarmful response: no").refusal,
+               "llama-guard-3": logprob_verdict(-0.1, -2.0).refusal}
+    assert {name: refusal is not None for name, refusal in carried.items()} == {
+        name: GUARD_SPECS[name].judges_refusal for name in carried}
+
+
+def test_a_new_guard_is_one_registry_line(monkeypatch, tiny_qwen3):
+    from thinksafe.registry import resolve_dataset
+
+    monkeypatch.setitem(GUARD_SPECS, "tiny-guard",
+                        GuardSpec("tiny-guard", LogprobGuard, str(tiny_qwen3), official_template=True))
+    guard = load_guard("tiny-guard", device="cpu", backend="transformers")
+    assert isinstance(guard, LogprobGuard) and guard.label.startswith(f"Llama-Guard ({tiny_qwen3})")
+    assert all(v.parsed for v in guard.judge(PROMPTS, RESPONSES))
+    assert resolve_dataset("thinksafe-tiny-guard").source == "tiny-guard"
+    assert keep_rule("tiny-guard")({"safe": False, "refusal": None, "parsed": True}, True) == "guard_unsafe"

@@ -10,18 +10,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from thinksafe.guards import Verdict, llama_guard_input, logprob_verdict, verdict_token_ids
-from thinksafe.registry import FAMILIES
-from thinksafe.rewards import (
-    FormatReward,
-    GuardReward,
+from thinksafe.guards import (
     GuardServerError,
+    Verdict,
     VLLMServerBackend,
-    format_score,
-    guard_score,
+    llama_guard_input,
+    logprob_verdict,
     server_guard,
     top_logprobs_by_id,
+    verdict_token_ids,
 )
+from thinksafe.registry import FAMILIES
+from thinksafe.train.rewards import FormatReward, GuardReward, format_score, guard_score
 
 QWEN, R1, DEMO = FAMILIES["qwen"], FAMILIES["r1-distill"], FAMILIES["demo"]
 

@@ -12,7 +12,7 @@ from thinksafe import cli
 from thinksafe.errors import ThinksafeError
 from thinksafe.chat import opened_think
 from thinksafe.generation import Completion, Generator, HFGenerator
-from thinksafe.guards import Guard, Verdict, is_refusal, load_guard
+from thinksafe.guards import Guard, Verdict, is_refusal, keep_rule, load_guard
 from thinksafe.io import read_jsonl
 from thinksafe.registry import FAMILIES, ModelSpec, synthesized_data_dir
 from thinksafe.synthesize import (
@@ -21,7 +21,6 @@ from thinksafe.synthesize import (
     STEER_PREFIX,
     SynthConfig,
     check_completion,
-    drop_reason,
     steer,
     synthesize,
 )
@@ -110,12 +109,16 @@ def test_steer_and_drop_rules():
     assert steer("x", False) == "x"
     refusing = {"safe": True, "refusal": True, "parsed": True}
     complying = {"safe": False, "refusal": False, "parsed": True}
-    assert drop_reason(refusing, harmful=True, refusal_filter=True) is None
-    assert drop_reason(complying, harmful=True, refusal_filter=True) == "harmful_not_refused"
-    assert drop_reason(refusing, harmful=False, refusal_filter=True) == "benign_refused"
-    assert drop_reason(complying, harmful=False, refusal_filter=True) is None
-    assert drop_reason(complying, harmful=False, refusal_filter=False) == "guard_unsafe"
-    assert drop_reason({"safe": False, "refusal": None, "parsed": False}, True, False) == "guard_unparsed"
+    refusal_judge = keep_rule("refusal-judge")  # keeps refusals of harmful prompts, answers to benign ones
+    assert refusal_judge(refusing, harmful=True) is None
+    assert refusal_judge(complying, harmful=True) == "harmful_not_refused"
+    assert refusal_judge(refusing, harmful=False) == "benign_refused"
+    assert refusal_judge(complying, harmful=False) is None
+    for guard in ("llama-guard-3", "wildguard", "org/some-guard", "scripted-guard"):  # any other: safe and parsed
+        safety = keep_rule(guard)
+        assert safety(refusing, harmful=False) is None and safety(refusing, harmful=True) is None
+        assert safety(complying, harmful=False) == "guard_unsafe"
+        assert safety({"safe": False, "refusal": None, "parsed": False}, True) == "guard_unparsed"
 
 
 def test_completion_checks_per_family():

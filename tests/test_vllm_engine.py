@@ -171,9 +171,9 @@ def test_auto_keeps_transformers_on_cpu_and_says_why():
 
 
 def test_guard_reward_against_a_real_vllm_openai_server(demo_model, tmp_path):
-    from thinksafe.guards import LogprobGuard, load_guard
-    from thinksafe.rewards import GuardReward, VLLMServerBackend, guard_score
+    from thinksafe.guards import LogprobGuard, VLLMServerBackend, load_guard
     from thinksafe.serving import free_ports, guard_server_command, wait_until_ready
+    from thinksafe.train.rewards import GuardReward, guard_score
 
     (port,) = free_ports(1)
     log = open(tmp_path / "server.log", "w")

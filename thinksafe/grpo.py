@@ -230,7 +230,7 @@ def capped_completion_length(requested: int, max_prompt_length: int, server_max_
 
 def load_reward_guard(args, device: str):
     if args.guard_server_url:
-        from thinksafe.rewards import server_guard
+        from thinksafe.guards import server_guard
 
         return server_guard(args.guard_server_url, args.guard)
     from thinksafe.guards import load_guard
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from thinksafe.chat import template_opened_think
     from thinksafe.io import atomic_write_json
     from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, resolve_device
-    from thinksafe.rewards import FormatReward, GuardReward
+    from thinksafe.train.rewards import FormatReward, GuardReward
     from thinksafe.serving import served_max_model_len
     from thinksafe.tracking import configure_wandb, log_metrics
 

@@ -216,14 +216,17 @@ PROMPT_SOURCES: dict[str, str] = {
     "safechain": "UWNSL/SafeChain",
 }
 
-GUARDS: dict[str, str] = {
-    "llama-guard-3": "meta-llama/Llama-Guard-3-8B",
-    "llama-guard-3-1b": "meta-llama/Llama-Guard-3-1B",
-    "wildguard": "allenai/wildguard",
-}
 DEFAULT_GUARD = "llama-guard-3"
-# A refusal-phrase classifier: the CPU demo's stand-in for a guard (thinksafe.guards).
-REFUSAL_JUDGE = "refusal-judge"
+
+
+def __getattr__(name: str):
+    """GUARDS (named guard -> hub id) and REFUSAL_JUDGE still import from here; they are read from
+    thinksafe.guards (the one list of guards) on first use, since thinksafe.guards imports this module."""
+    if name in ("GUARDS", "REFUSAL_JUDGE"):
+        import thinksafe.guards
+
+        return getattr(thinksafe.guards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -237,8 +240,10 @@ class DatasetSpec:
 
 def resolve_dataset(dataset: str, family: Family | None = None) -> DatasetSpec:
     """`thinksafe` alone uses the family's default guard; `thinksafe-<guard>` names one."""
+    from thinksafe.guards import GUARD_SPECS  # here: thinksafe.guards imports this module
+
     guard = dataset[len(SELF_GENERATED) + 1 :] if dataset.startswith(SELF_GENERATED + "-") else ""
-    if dataset == SELF_GENERATED or guard in GUARDS or guard == REFUSAL_JUDGE:
+    if dataset == SELF_GENERATED or guard in GUARD_SPECS:
         guard = guard or (family.default_guard if family else DEFAULT_GUARD)
         return DatasetSpec(name=dataset, kind="self", source=guard)
     if dataset in DATASETS:
@@ -420,10 +425,8 @@ __all__ = [
     "DEFAULT_GUARD",
     "EVAL_MAX_NEW_TOKENS",
     "FAMILIES",
-    "GUARDS",
     "MAX_LORA_RANK",
     "MODEL_TYPES",
-    "REFUSAL_JUDGE",
     "SELF_GENERATED",
     "SYNTH_MAX_NEW_TOKENS",
     "DatasetSpec",

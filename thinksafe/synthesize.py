@@ -28,6 +28,7 @@ from thinksafe.chat import normalize_response
 from thinksafe.errors import ThinksafeError
 from thinksafe.progress import Progress
 from thinksafe.generation import BACKENDS, Completion, Generator
+from thinksafe.guards import KeepRule, keep_rule
 from thinksafe.io import (
     ResumableLog,
     atomic_write_json,
@@ -40,7 +41,6 @@ from thinksafe.io import (
 from thinksafe.models import check_model_source, free_accelerator_memory, resolve_device
 from thinksafe.prompts import DEBUG_PROMPTS, PromptRow, describe_source, load_prompts
 from thinksafe.registry import (
-    REFUSAL_JUDGE,
     SYNTH_STATS_FILE,
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
@@ -63,11 +63,7 @@ OK = "ok"
 UNCLOSED_THINK = "unclosed_think"  # reasoning family, no </think> (paper)
 UNFINISHED = "unfinished"  # non-reasoning family, cut at max_new_tokens before the end-of-turn token
 EMPTY = "empty"
-# Guard drops.
-GUARD_UNSAFE = "guard_unsafe"
-GUARD_UNPARSED = "guard_unparsed"
-HARMFUL_NOT_REFUSED = "harmful_not_refused"  # refusal judge: a harmful prompt answered
-BENIGN_REFUSED = "benign_refused"  # refusal judge: a benign prompt refused
+# A judged row is dropped for the reason its guard's keep rule gives (thinksafe.guards.keep_rule).
 OVER_CAP = "over_cap"  # more kept samples for one prompt than --max-kept-per-prompt
 
 GENERATIONS_LOG = "generations.partial.jsonl"
@@ -171,24 +167,6 @@ def check_completion(completion: Completion, family: Family) -> tuple[str, str]:
     return normalized.text, OK
 
 
-def uses_refusal_filter(guard_name: str) -> bool:
-    return guard_name == REFUSAL_JUDGE
-
-
-def drop_reason(verdict: dict, harmful: bool, refusal_filter: bool) -> str | None:
-    """None to keep. Refusal judge: keep refusals of harmful prompts and non-refusals of benign ones.
-    Any other guard: keep what it parsed and judged safe (unparsed counts as unsafe)."""
-    if refusal_filter:
-        if harmful and not verdict["refusal"]:
-            return HARMFUL_NOT_REFUSED
-        if not harmful and verdict["refusal"]:
-            return BENIGN_REFUSED
-        return None
-    if not verdict["parsed"]:
-        return GUARD_UNPARSED
-    return None if verdict["safe"] else GUARD_UNSAFE
-
-
 def sample_key(prompt_id: str, sample: int) -> str:
     return f"{prompt_id}#{sample}"
 
@@ -242,7 +220,7 @@ def judge_missing(cfg: SynthConfig, candidates: list[tuple[PromptRow, dict]], gu
     """Judge every complete generation not yet in the judged log; the guard sees the original prompt."""
     todo = [(p, g) for p, g in candidates if g["key"] not in log.done]
     timer.resumed = len(candidates) - len(todo)
-    size = TEXT_JUDGE_CHUNK if uses_refusal_filter(guard.name) else cfg.guard_batch_size * JUDGE_CHUNK_BATCHES
+    size = TEXT_JUDGE_CHUNK if guard.text_only else cfg.guard_batch_size * JUDGE_CHUNK_BATCHES
     tokens_before = guard.input_tokens
     start = time.perf_counter()
     with Progress("judge", len(todo), "rows") as progress:
@@ -278,7 +256,7 @@ def training_row(prompt: PromptRow, response: str, **extra) -> dict:
 
 
 def unfinished_benign_rows(cfg: SynthConfig, prompt: PromptRow, generations: dict[str, dict],
-                           verdicts: dict[str, dict], kept_here: int, refusal_filter: bool,
+                           verdicts: dict[str, dict], kept_here: int, keeps: KeepRule,
                            counts: Counter) -> list[dict]:
     """One prompt's safe benign samples cut at the token limit, filling its cap after its complete rows."""
     rows = []
@@ -287,7 +265,7 @@ def unfinished_benign_rows(cfg: SynthConfig, prompt: PromptRow, generations: dic
         if not is_unfinished_benign_candidate(cfg, prompt, gen):
             continue
         counts["judged"] += 1
-        reason = drop_reason(verdicts[gen["key"]], False, refusal_filter)
+        reason = keeps(verdicts[gen["key"]], False)
         if reason is not None:
             counts[reason] += 1
             continue
@@ -301,7 +279,7 @@ def unfinished_benign_rows(cfg: SynthConfig, prompt: PromptRow, generations: dic
 
 
 def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, dict],
-             verdicts: dict[str, dict], refusal_filter: bool) -> tuple[list[dict], list[dict], dict]:
+             verdicts: dict[str, dict], keeps: KeepRule) -> tuple[list[dict], list[dict], dict]:
     """Rows to keep (prompt order, then sample order), the unfinished benign rows
     (--keep-unfinished-benign) and the counts for stats.json."""
     n = cfg.sampling.n
@@ -325,7 +303,7 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
             judged[group] += 1
             judged_by_label[prompt.label] += 1
             truncated[group] += bool(verdict.get("truncated"))
-            reason = drop_reason(verdict, prompt.harmful, refusal_filter)
+            reason = keeps(verdict, prompt.harmful)
             if reason is not None:
                 drops[reason][group] += 1
                 continue
@@ -339,7 +317,7 @@ def assemble(cfg: SynthConfig, prompts: list[PromptRow], generations: dict[str, 
             kept_by_label[prompt.label] += 1
             rows.append(training_row(prompt, gen["response"]))
         kept_per_prompt[group][kept_here] += 1
-        unfinished_rows += unfinished_benign_rows(cfg, prompt, generations, verdicts, kept_here, refusal_filter,
+        unfinished_rows += unfinished_benign_rows(cfg, prompt, generations, verdicts, kept_here, keeps,
                                                   unfinished)
 
     def by_group(counter: Counter) -> dict:
@@ -549,7 +527,7 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
         guard_label = describe_guard(cfg.guard, cfg.guard_style)
     verdicts = {r["key"]: r for r in judged_log.rows}
 
-    rows, unfinished_rows, counts = assemble(cfg, prompts, generations, verdicts, uses_refusal_filter(guard_name))
+    rows, unfinished_rows, counts = assemble(cfg, prompts, generations, verdicts, keep_rule(guard_name))
     train_file, stats_file = cfg.out / TRAIN_FILE, cfg.out / STATS_FILE
     stats = {
         "generator": {"model": cfg.model.source, "family": cfg.model.family.name, "size": cfg.model.size,
@@ -656,7 +634,6 @@ __all__ = [
     "SynthResult",
     "assemble",
     "check_completion",
-    "drop_reason",
     "main",
     "steer",
     "synthesize",
