@@ -27,17 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from thinksafe.plan import resolve_plan  # noqa: E402
-from thinksafe.recipes import load_recipe  # noqa: E402
 
 METRICS = {"heldout_harmful": "refusal on held-out harmful ↑", "xstest": "XSTest safe over-refusal ↓"}
 
 
 def seeded_recipe(seed: int) -> dict:
-    """The demo recipe's stage options with every seed set (what the pipeline passes as flags)."""
+    """Every seed of the demo run set (THINKSAFE_RECIPE is laid over the demo's own recipe)."""
     return {
-        "synthesize": {**load_recipe("demo", "synthesize"), "seed": seed},
-        "train": {"seed": seed, "report_to": "none"},
-        "evaluate": {**load_recipe("demo", "evaluate"), "seed": seed, "report_to": "none"},
+        "synthesize": {"seed": seed},
+        "sft": {"seed": seed, "report_to": "none"},
+        "evaluate": {"seed": seed, "report_to": "none"},
     }
 
 

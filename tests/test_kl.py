@@ -47,7 +47,7 @@ def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, ba
                      learning_rate=1e-3, lr_scheduler_type="constant")
     trainer = KLSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=make_collator(tokenizer.pad_token_id),
-                           peft_config=lora_config(4, dropout=0.0), weighting=weighting)
+                           peft_config=lora_config(4, None, 0.0), weighting=weighting)
     torch.manual_seed(0)
     for name, param in trainer.model.named_parameters():
         if "lora_B" in name:

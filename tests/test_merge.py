@@ -13,7 +13,7 @@ def saved_adapter(model_dir, run_dir):
     from thinksafe.models import load_model, load_tokenizer
     from thinksafe.train.common import lora_config
 
-    model = get_peft_model(load_model(str(model_dir), device="cpu", dtype=torch.float32), lora_config(4))
+    model = get_peft_model(load_model(str(model_dir), device="cpu", dtype=torch.float32), lora_config(4, None, 0.0))
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:

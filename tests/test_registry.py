@@ -93,29 +93,29 @@ def test_run_name_always_has_epoch_suffix():
     assert one == "qwen3-0.6B_thinksafe_r32_ep1_mask"
     assert three_kl == "qwen3-0.6B_thinksafe_r16_ep3_kl"
     # KL on cut benign samples trains on other rows: its own run (no resuming the other's checkpoints)
-    kl_cut = RunConfig(model, "thinksafe", rank=16, use_kl=True, kl_on_unfinished=True)
+    kl_cut = RunConfig(model, "thinksafe", rank=16, epochs=3, use_kl=True, kl_on_unfinished=True)
     assert run_name(kl_cut) == "qwen3-0.6B_thinksafe_r16_ep3_mask_kl_unfinished"
-    assert run_name(RunConfig(model, "thinksafe", rank=16, kl_on_unfinished=True)) == "qwen3-0.6B_thinksafe_r16_ep3_mask"
+    assert run_name(RunConfig(model, "thinksafe", rank=16, epochs=3, kl_on_unfinished=True)) == "qwen3-0.6B_thinksafe_r16_ep3_mask"
 
 
 def test_token_weighted_kl_is_its_own_run_and_row_is_the_default():
     model = resolve_model("qwen", "0.6B")
-    assert RunConfig(model, "thinksafe", use_kl=True).kl_weighting == "row"
-    token = RunConfig(model, "thinksafe", use_kl=True, kl_weighting="token")
+    assert RunConfig(model, "thinksafe", 32, 3, use_kl=True).kl_weighting == "row"
+    token = RunConfig(model, "thinksafe", 32, 3, use_kl=True, kl_weighting="token")
     assert run_name(token) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw"
-    assert run_name(RunConfig(model, "thinksafe", use_kl=True)) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl"
+    assert run_name(RunConfig(model, "thinksafe", 32, 3, use_kl=True)) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl"
     with pytest.raises(ThinksafeError, match="choose one of: row, token"):
-        RunConfig(model, "thinksafe", use_kl=True, kl_weighting="rows")
+        RunConfig(model, "thinksafe", 32, 3, use_kl=True, kl_weighting="rows")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, "3"])
 def test_rank_and_epochs_must_be_positive_ints(bad):
     with pytest.raises(RegistryError, match="positive integer"):
-        RunConfig(resolve_model("qwen"), "thinksafe", rank=bad)
+        RunConfig(resolve_model("qwen"), "thinksafe", rank=bad, epochs=3)
 
 
 def test_paths_derive_from_run_name(output_root):
-    cfg = RunConfig(resolve_model("qwen", "4B"), "safechain", epochs=2)
+    cfg = RunConfig(resolve_model("qwen", "4B"), "safechain", rank=32, epochs=2)
     paths = run_paths(cfg)
     assert paths == paths_for_name(run_name(cfg))
     assert paths.adapter == output_root / "runs" / paths.name / "adapter"

@@ -46,32 +46,32 @@ from thinksafe.train.common import (
 
 logger = logging.getLogger(__name__)
 
-# The paper's settings (seanie12/ThinkSafe grpo_train.py / grpo.sh); configs/recipes/<family>.yaml overrides.
-DEFAULTS = {
-    "rank": 32,
-    "lora_dropout": 0.05,
-    "learning_rate": 1e-5,
-    "effective_batch_size": 64,  # completions per optimizer step (8 prompts x 8 generations)
-    "per_device_batch_size": 1,
-    "num_generations": 8,
-    "beta": 0.04,
-    "epsilon": 0.2,
-    "temperature": 0.7,
-    "max_prompt_length": 1024,
-    "max_completion_length": 16384,
-    "epochs": 1,
-    "warmup_ratio": 0.1,
-    "lr_scheduler_type": "cosine",
-    "max_grad_norm": 1.0,
-    "loss_type": "grpo",  # the paper's choice; TRL 1.x defaults to "dapo"
-    # Two corrections TRL 1.x turns on that the paper's TRL 0.21 did not have (docs/grpo.md):
-    "use_bias_correction_kl": False,  # KL term times the importance ratio (DeepSeek-V3.2's unbiased KL)
-    "vllm_importance_sampling_correction": False,  # vLLM vs trainer log-prob ratio; TRL 1.x: sequence mask
-    "gradient_checkpointing": True,
-    "seed": 42,
-    "logging_steps": 20,
-    "save_steps": 500,
+# This parser's option -> the config field that holds its default (the paper's, written once in
+# thinksafe/config/train.py); a family's configs/recipes/<family>/grpo.yaml overrides them by option name.
+_DEFAULT_FIELDS = {
+    "rank": "lora_r", "lora_dropout": "lora_dropout", "learning_rate": "learning_rate",
+    "effective_batch_size": "effective_batch_size", "per_device_batch_size": "per_device_train_batch_size",
+    "num_generations": "num_generations", "beta": "beta", "epsilon": "epsilon", "temperature": "temperature",
+    "max_prompt_length": "max_prompt_length", "max_completion_length": "max_completion_length",
+    "epochs": "num_train_epochs", "warmup_ratio": "warmup_steps", "lr_scheduler_type": "lr_scheduler_type",
+    "max_grad_norm": "max_grad_norm", "loss_type": "loss_type", "use_bias_correction_kl": "use_bias_correction_kl",
+    "vllm_importance_sampling_correction": "vllm_importance_sampling_correction",
+    "gradient_checkpointing": "gradient_checkpointing", "seed": "seed", "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
 }
+
+
+def config_defaults() -> dict:
+    from dataclasses import fields
+
+    from thinksafe.config.train import ThinkSafeGRPOConfig, ThinkSafeModelConfig
+
+    defaults = {f.name: f.default for cls in (ThinkSafeModelConfig, ThinkSafeGRPOConfig) for f in fields(cls)}
+    values = {option: defaults[name] for option, name in _DEFAULT_FIELDS.items()}
+    values["epochs"] = int(values["epochs"])
+    return values
+
+
 SERVER_GPUS = 2  # scripts/grpo.sh: one GPU for the policy server, one for the guard server
 MIN_SERVER_MODE_GPUS = SERVER_GPUS + 1
 # Llama-Guard-3's template (instructions + 14 categories) around the conversation, with room to spare.
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None):
     args = build_parser().parse_args(argv)
     check_model_name(args.model)
     spec = resolve_model(args.model, args.size)
-    with_recipe(args, recipe_values(spec.family.name, "grpo"), DEFAULTS)
+    with_recipe(args, recipe_values(spec.family.name, "grpo"), config_defaults())
     args.guard = args.guard or spec.family.default_guard
     if args.effective_batch_size % args.num_generations:
         raise TrainConfigError(
@@ -152,12 +152,15 @@ def parse_args(argv: list[str] | None):
     if bool(args.vllm_server_url) != bool(args.guard_server_url):
         raise TrainConfigError("the server mode needs both --vllm-server-url and --guard-server-url")
     if args.guard_server_url:
-        check_server_guard(args.guard)
+        check_server_guard(args.guard, args.guard_style)
     return args, spec
 
 
-def check_server_guard(guard: str) -> None:
-    if guard == REFUSAL_JUDGE or "wildguard" in guard.lower():
+def check_server_guard(guard: str, style: str | None = None) -> None:
+    from thinksafe.guards import LogprobGuard
+    from thinksafe.guards.registry import spec_for
+
+    if spec_for(guard, style).kind is not LogprobGuard:
         raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")
 
 
@@ -400,5 +403,5 @@ def print_plan(args, spec) -> int:
     return 0
 
 
-__all__ = ["DEFAULTS", "build_parser", "capped_completion_length", "launch_plan", "main", "parse_args",
+__all__ = ["config_defaults", "build_parser", "capped_completion_length", "launch_plan", "main", "parse_args",
            "prompt_dataset", "trainer_prompt"]

@@ -14,9 +14,8 @@ import os
 import re
 import sys
 
+from thinksafe.guards.registry import GUARD_SPECS
 from thinksafe.registry import (
-    GUARDS,
-    REFUSAL_JUDGE,
     SELF_GENERATED,
     SYNTH_TRAIN_FILE,
     MODEL_TYPES,
@@ -78,7 +77,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     """Positional script arguments (None/'' = default) -> resolved values, run name and paths."""
     given = {k: (args.get(k) or DEFAULTS.get(k)) for k in POSITIONAL}
     if args.get("guard"):
-        guards = [*GUARDS, REFUSAL_JUDGE]
+        guards = list(GUARD_SPECS)
         if args["guard"] not in guards:
             raise PlanError(f"guard {args['guard']!r} is unknown; choose one of: {', '.join(guards)}")
         given["dataset"] = f"{SELF_GENERATED}-{args['guard']}"

@@ -289,10 +289,10 @@ class RunConfig:
 
     model: ModelSpec
     dataset: str
+    rank: int  # no defaults here: the training config (thinksafe/config/train.py) owns them
+    epochs: int
     prompt_masking: bool = True
-    rank: int = 32
     use_kl: bool = False
-    epochs: int = 3
     kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
     kl_weighting: str = DEFAULT_KL_WEIGHTING  # with use_kl: KL_WEIGHTINGS
     max_steps: int | None = None  # a run cut short by --max-steps is not the full epN run: named apart

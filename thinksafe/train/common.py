@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"  # written last: its presence means the run finished
 RUN_RECORD = "run_record.json"  # written first: the data hash and settings that decide the run's content
 OVERWRITE_SUFFIX = ".overwrite"  # runs/.<name>.overwrite: a replacement trained beside the finished run
-LORA_DROPOUT = 0.05  # paper
 
 
 class TrainConfigError(ThinksafeError, ValueError):
@@ -114,7 +113,7 @@ def check_ranges(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def lora_config(rank: int, alpha: float | None = None, dropout: float = LORA_DROPOUT,
+def lora_config(rank: int, alpha: float | None, dropout: float,
                 target_modules: list[str] | None = None):
     """PEFT LoRA for a causal LM: alpha = rank/2 and PEFT's default targets unless given (paper)."""
     from peft import LoraConfig
