@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from test_evaluate import evaluate_tiny, write_fixture_data, write_run_record
 
-from test_evaluate import evaluate_tiny, write_fixture_data
 from thinksafe.errors import ThinksafeError
-from thinksafe.report import collect_runs, main, mean_of, plot_panels, Value
+from thinksafe.report import Value, collect_runs, main, mean_of, plot_panels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CELL = re.compile(r"^([\d.]+) \[([\d.]+), ([\d.]+)\] n=(\d+)$")
@@ -20,13 +20,17 @@ RUNS = ("tiny_base", "tiny_thinksafe_r32_ep3_mask")
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_qwen3, tmp_path_factory) -> Path:
-    """Two runs evaluated once for this module (the report only reads them)."""
+    """Two runs evaluated once for this module (the report only reads them): the untouched model dir,
+    and the same weights as the merged model of a training run, named by that run's record."""
     root = tmp_path_factory.mktemp("report")
     data = write_fixture_data(root / "data")
+    run_dir = root / "outputs" / "runs" / "dir-name-is-not-the-run"
+    write_run_record(run_dir, run_name=RUNS[1], family="qwen")
+    (run_dir / "merged").symlink_to(tiny_qwen3, target_is_directory=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("THINKSAFE_OUTPUT_DIR", str(root / "outputs"))
-        for seed, run in enumerate(RUNS):
-            assert evaluate_tiny(tiny_qwen3, run, data, ["--seed", str(seed)]) == 0
+        assert evaluate_tiny(tiny_qwen3, RUNS[0], data, ["--seed", "0"]) == 0
+        assert evaluate_tiny(run_dir / "merged", None, data, ["--seed", "1"], model_type=None) == 0
     return root / "outputs" / "results"
 
 
@@ -63,7 +67,7 @@ def test_report_table_equals_the_metrics_files(two_runs, capsys):
             assert int(csv_rows[run][f"{key}/n"]) == m["n"]
             for name, sub in m["secondary"].items():
                 assert float(csv_rows[run][f"{m['task']}/{name}"]) == pytest.approx(sub["value"])
-        assert csv_rows[run]["is_base"] == str(run.endswith("_base"))
+        assert csv_rows[run]["is_base"] == str(run == RUNS[0])  # as evaluate recorded it
     # single reasoning and harmful task: the summary columns repeat those tasks' values
     harm = json.loads((two_runs / RUNS[1] / "harmbench" / "metrics.json").read_text())
     assert float(csv_rows[RUNS[1]]["safety: mean harmful"]) == pytest.approx(harm["value"])
@@ -86,15 +90,20 @@ def test_report_plot_is_a_valid_png_with_both_panels(two_runs):
     assert [run for run, _, _ in panels[1]["points"]] == list(RUNS)
 
 
+def write_metrics(root: Path, run: str, task: str, metric: str, value: float, is_base: bool = False,
+                  directory: str | None = None) -> None:
+    d = root / (directory or run) / task
+    d.mkdir(parents=True)
+    d.joinpath("metrics.json").write_text(json.dumps(
+        {"task": task, "run_name": run, "is_base": is_base, "metric": metric, "value": value, "k": round(30 * value),
+         "n": 30, "ci95": [0.0, 1.0], "secondary": {}, "higher_is_better": metric in ("pass@1", "refusal_rate")}))
+
+
 def test_demo_style_runs_plot_refusal_only(tmp_path):
     """Runs without reasoning tasks (the CPU demo) get the refusal vs over-refusal panel alone."""
     for run, (refused, over) in {"smollm2-135M_base": (3, 0), "smollm2-135M_thinksafe": (12, 2)}.items():
         for task, metric, k in (("heldout_harmful", "refusal_rate", refused), ("xstest", "over_refusal_rate", over)):
-            d = tmp_path / run / task
-            d.mkdir(parents=True)
-            d.joinpath("metrics.json").write_text(json.dumps(
-                {"task": task, "metric": metric, "value": k / 30, "k": k, "n": 30, "ci95": [0.0, 1.0], "secondary": {},
-                 "higher_is_better": task == "heldout_harmful"}))
+            write_metrics(tmp_path, run, task, metric, k / 30, is_base=run.endswith("_base"))
     panels = plot_panels(collect_runs(tmp_path))
     assert [p["title"] for p in panels] == ["Refusal vs over-refusal"]
     assert main([str(tmp_path)]) == 0
@@ -123,3 +132,59 @@ def test_report_links_the_page_of_paper_commands_and_departures(two_runs):
     assert link is not None
     page = Path(unquote(urlparse(link.group(1)).path))
     assert page.name == "paper.md" and "## Departures that remain" in page.read_text()
+
+
+def test_runs_are_named_and_marked_base_by_their_metrics_not_their_directories(tmp_path):
+    write_metrics(tmp_path, "qwen3-0.6B_base", "gsm8k", "pass@1", 0.5, is_base=True, directory="copied-by-hand")
+    write_metrics(tmp_path, "looks_like_a_base", "gsm8k", "pass@1", 0.6, directory="trained_base")
+    runs = collect_runs(tmp_path)
+    assert set(runs) == {"qwen3-0.6B_base", "looks_like_a_base"}
+    table = markdown_cells(main_markdown(tmp_path))
+    assert list(table) == ["qwen3-0.6B_base", "looks_like_a_base"]  # the base model first
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert "**qwen3-0.6B_base** (base)" in lines[2] and "(base)" not in lines[3]
+    write_metrics(tmp_path, "looks_like_a_base", "gsm8k", "pass@1", 0.6, directory="again")
+    with pytest.raises(ThinksafeError, match="repeats run 'looks_like_a_base'"):
+        collect_runs(tmp_path)
+
+
+def main_markdown(root: Path) -> str:
+    assert main([str(root)]) == 0
+    return (root / "summary.md").read_text()
+
+
+PAPER_SAFETY = ("harmbench", "strongreject", "wildjailbreak")
+PAPER_REASONING = ("aime24", "gpqa_diamond", "math500", "gsm8k")
+
+
+def test_a_mean_without_all_the_papers_tasks_is_marked_with_the_missing_ones(tmp_path):
+    for task in PAPER_SAFETY:
+        write_metrics(tmp_path, "full", task, "harmful_rate", 0.2)
+    for task in PAPER_REASONING:
+        write_metrics(tmp_path, "full", task, "pass@1", 0.5)
+    for task in ("harmbench", "strongreject"):  # no wildjailbreak (gated)
+        write_metrics(tmp_path, "partial", task, "harmful_rate", 0.4)
+    write_metrics(tmp_path, "partial", "gsm8k", "pass@1", 0.7)
+    table = markdown_cells(main_markdown(tmp_path))
+    safety, reasoning = "safety: mean harmful ↓", "reasoning: mean pass@1 ↑"
+    assert CELL.match(table["full"][safety]) and CELL.match(table["full"][reasoning])  # nothing marked
+    assert table["partial"][safety].startswith("40.0") and table["partial"][safety].endswith(
+        "(partial, missing wildjailbreak)")
+    assert table["partial"][reasoning].endswith("(partial, missing aime24, gpqa_diamond, math500)")
+    rows = {row["run"]: row for row in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert float(rows["partial"]["safety: mean harmful"]) == pytest.approx(0.4)
+    assert rows["partial"]["safety: mean harmful/missing"] == "wildjailbreak"
+    assert rows["partial"]["reasoning: mean pass@1/missing"] == "aime24;gpqa_diamond;math500"
+    assert rows["full"]["safety: mean harmful/missing"] == rows["full"]["reasoning: mean pass@1/missing"] == ""
+    labels = plot_panels(collect_runs(tmp_path))[0]["labels"]
+    assert labels == {"full": "full", "partial": "partial (partial means)"}
+
+
+def test_a_mean_over_a_task_the_paper_did_not_have_is_marked_too(tmp_path):
+    for task in PAPER_SAFETY:
+        write_metrics(tmp_path, "run", task, "harmful_rate", 0.2)
+    write_metrics(tmp_path, "run", "my_new_redteam_set", "harmful_rate", 0.8)
+    table = markdown_cells(main_markdown(tmp_path))
+    assert table["run"]["safety: mean harmful ↓"].startswith("35.0")  # (3 x 20 + 80) / 4: averaged, and marked
+    assert table["run"]["safety: mean harmful ↓"].endswith("(with my_new_redteam_set, not in the paper)")
+    assert "neither is the paper's mean" in (tmp_path / "summary.md").read_text()

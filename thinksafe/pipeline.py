@@ -27,8 +27,6 @@ from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
 
 RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as the plan resolved it
 
-REASONING_TASKS = ("aime24", "gpqa_diamond", "math500", "gsm8k")
-SAFETY_TASKS = ("harmbench", "strongreject", "wildjailbreak", "xstest")
 POLL_SECONDS = 2.0
 
 
@@ -128,11 +126,15 @@ def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Ta
 
 
 def evaluation_tasks(family: str) -> list[str]:
-    """Reasoning tasks first, then safety (paper order); the recipe may name others (the demo)."""
+    """The reasoning group first (the longest tasks start first), then safety, each in the task files'
+    order (eval/tasks/*.yaml); the recipe may name others (the demo)."""
+    from thinksafe.evaluate.tasks import task_groups
+
     tasks = recipe_values(family, "evaluate").get("tasks")
     if tasks:
         return [tasks] if isinstance(tasks, str) else list(tasks)
-    return [*REASONING_TASKS, *SAFETY_TASKS]
+    groups = task_groups()
+    return [*groups["reasoning"], *groups["safety"]]
 
 
 def synthesize_if_needed(plan: dict) -> None:

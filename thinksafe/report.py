@@ -1,10 +1,13 @@
 """`thinksafe report [results root]`: one table over every evaluated run, plus the trade-off plot.
 
 Reads results/<run>/<task>/metrics.json (written by `thinksafe evaluate`), and writes
-results/summary.md, summary.csv and summary.png. Rows are runs (base models, `<slug>_base`, first),
-columns each task's metric as a percentage with its 95% Wilson interval and sample count. Two
-summary columns follow the paper's headline: mean harmful rate over the harmful-rate tasks (lower
-is better) and mean pass@1 over the reasoning tasks. The plot shows safety against reasoning;
+results/summary.md, summary.csv and summary.png. Run name, task and whether a run is a base model
+come from each metrics.json, never from directory names. Rows are runs (base models first),
+columns each task's metric (in the task files' order) as a percentage with its 95% Wilson interval
+and sample count. Two summary columns follow the paper's headline: mean harmful rate over the
+harmful-rate tasks (lower is better) and mean pass@1 over the reasoning tasks; a mean over other
+tasks than the paper's (one missing, or one the paper did not have) is marked with the tasks
+that differ, in the table, the CSV and the plot's legend. The plot shows safety against reasoning;
 for runs without reasoning tasks (the CPU demo) it shows refusal on held-out harmful prompts
 against over-refusal on XSTest's safe prompts.
 """
@@ -19,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.evaluate.tasks import all_tasks, report_order
 from thinksafe.io import atomic_write_text, read_json
 
 METRICS_FILE = "metrics.json"
-BASE_SUFFIX = "_base"
-TASK_ORDER = ("aime24", "gpqa_diamond", "math500", "gsm8k", "harmbench", "strongreject", "wildjailbreak",
-              "xstest", "heldout_harmful")
 HARMFUL_METRIC, REASONING_METRIC = "harmful_rate", "pass@1"
+SAFETY_MEAN, REASONING_MEAN = "safety: mean harmful", "reasoning: mean pass@1"
+MEANS = {SAFETY_MEAN: HARMFUL_METRIC, REASONING_MEAN: REASONING_METRIC}  # summary column -> the metric averaged
 REFUSAL_TASK, OVERREFUSAL_TASK = ("heldout_harmful", "refusal_rate"), ("xstest", "over_refusal_rate")
 SUMMARY_NAME = "summary"
 
@@ -61,7 +64,8 @@ class Value:
 
 
 def collect_runs(root: Path) -> dict[str, dict[str, dict]]:
-    """{run name: {task: metrics}} for every results/<run>/<task>/metrics.json."""
+    """{run name: {task: metrics}} for every results/<run>/<task>/metrics.json, named by the file's
+    own `run_name` and `task`."""
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory: pass the results root (default: outputs/results)")
@@ -71,18 +75,30 @@ def collect_runs(root: Path) -> dict[str, dict[str, dict]]:
             metrics = read_json(path)
         except ThinksafeError as err:
             raise ReportError(f"{err} (or rerun that task with thinksafe evaluate --overwrite)") from None
-        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = metrics
+        run, task = metrics.get("run_name"), metrics.get("task")
+        if not run or not task:
+            raise ReportError(f"{path} names no run_name or task (an older thinksafe evaluate wrote it): "
+                              "rerun that task with thinksafe evaluate --rescore")
+        if task in runs.get(run, {}):
+            raise ReportError(f"{path} repeats run {run!r}, task {task!r} of another metrics.json under {root}: "
+                              "keep one of them")
+        runs.setdefault(run, {})[task] = metrics
     if not runs:
         raise ReportError(f"no {METRICS_FILE} under {root}/<run>/<task>/: run `thinksafe evaluate` first")
     return runs
 
 
-def order_runs(names) -> list[str]:
-    return sorted(names, key=lambda n: (not n.endswith(BASE_SUFFIX), n))
+def is_base(runs: dict, run: str) -> bool:
+    """As evaluate recorded it; a metrics.json from before `is_base` was written counts as trained."""
+    return any(m.get("is_base") for m in runs[run].values())
+
+
+def order_runs(runs: dict) -> list[str]:
+    return sorted(runs, key=lambda run: (not is_base(runs, run), run))
 
 
 def order_tasks(names) -> list[str]:
-    return sorted(names, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+    return report_order(names)
 
 
 def primary(runs: dict, run: str, task: str) -> Value | None:
@@ -115,11 +131,37 @@ def mean_of(values: list[Value]) -> Value | None:
 
 
 def summary_values(runs: dict, run: str) -> dict[str, Value | None]:
-    tasks = runs[run]
-    harmful = [Value.from_metrics(m) for m in tasks.values() if m.get("metric") == HARMFUL_METRIC]
-    reasoning = [Value.from_metrics(m) for m in tasks.values() if m.get("metric") == REASONING_METRIC]
-    return {"safety: mean harmful": mean_of([v for v in harmful if v]),
-            "reasoning: mean pass@1": mean_of([v for v in reasoning if v])}
+    """{summary column: mean of the run's tasks with that column's metric}."""
+    values = {}
+    for column, metric in MEANS.items():
+        found = [Value.from_metrics(m) for m in runs[run].values() if m.get("metric") == metric]
+        values[column] = mean_of([v for v in found if v])
+    return values
+
+
+def paper_tasks(metric: str) -> list[str]:
+    """The paper's headline tasks (task files with `paper: true`) whose metric is `metric`."""
+    return [task.name for task in all_tasks() if task.paper and task.metric == metric]
+
+
+def mean_departures(runs: dict, run: str) -> dict[str, tuple[list[str], list[str]]]:
+    """{summary column: (the paper's tasks the mean lacks, tasks it has the paper did not)} for each
+    mean that exists and differs from the paper's (issue 17, item 9: a partial mean is marked)."""
+    values = summary_values(runs, run)
+    departures = {}
+    for column, metric in MEANS.items():
+        have = {task for task, m in runs[run].items() if m.get("metric") == metric and m.get("value") is not None}
+        expected = paper_tasks(metric)
+        missing, extra = [t for t in expected if t not in have], order_tasks(have - set(expected))
+        if values[column] is not None and (missing or extra):
+            departures[column] = (missing, extra)
+    return departures
+
+
+def departure_note(missing: list[str], extra: list[str]) -> str:
+    parts = ([f"partial, missing {', '.join(missing)}"] if missing else [])
+    parts += [f"with {', '.join(extra)}, not in the paper"] if extra else []
+    return "; ".join(parts)
 
 
 # --- table ----------------------------------------------------------------------------------
@@ -144,22 +186,35 @@ def markdown_table(runs: dict) -> str:
     cols = columns(runs)
     names = order_runs(runs)
     summaries = {run: summary_values(runs, run) for run in names}
-    summary_cols = [c for c in ("safety: mean harmful", "reasoning: mean pass@1")
-                    if any(summaries[r][c] for r in names)]
+    summary_cols = [c for c in MEANS if any(summaries[r][c] for r in names)]
     arrows = {True: "↑", False: "↓"}
     header = ["run"] + [f"{t} {metric} {arrows[up]}" for t, metric, up in cols]
-    header += [f"{c} {arrows[c.startswith('reasoning')]}" for c in summary_cols]
+    header += [f"{c} {arrows[c == REASONING_MEAN]}" for c in summary_cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    marked = False
     for run in names:
-        cells = [f"**{run}** (base)" if run.endswith(BASE_SUFFIX) else run]
+        departures = mean_departures(runs, run)
+        marked = marked or bool(departures)
+        cells = [f"**{run}** (base)" if is_base(runs, run) else run]
         cells += [(v.cell() if (v := primary(runs, run, t)) else "–") for t, _, _ in cols]
-        cells += [(v.cell() if (v := summaries[run][c]) else "–") for c in summary_cols]
+        cells += [_mean_cell(summaries[run][c], departures.get(c)) for c in summary_cols]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Percentages with 95% Wilson intervals and the number of samples judged.",
+             *([MARKED_MEANS_NOTE] if marked else []),
              f"Comparing with the paper's table: the command for each cell and the remaining departures "
              f"are in [{PAPER_PAGE}]({PAPER_PAGE_PATH.as_uri()}).",
              *_provenance_notes(runs)]
     return "\n".join(lines + notes) + "\n"
+
+
+MARKED_MEANS_NOTE = ("A mean marked partial lacks some of the paper's tasks, one marked \"not in the paper\" "
+                     "averages a task the paper did not have (both named): neither is the paper's mean.")
+
+
+def _mean_cell(value: Value | None, departure: tuple[list[str], list[str]] | None) -> str:
+    if value is None:
+        return "–"
+    return value.cell() + (f" ({departure_note(*departure)})" if departure else "")
 
 
 def _provenance_notes(runs: dict) -> list[str]:
@@ -188,24 +243,25 @@ def csv_text(runs: dict) -> str:
             for name in [m["metric"], *m.get("secondary", {})]:
                 if (task, name) not in metric_names:
                     metric_names.append((task, name))
-    summary_names = ["safety: mean harmful", "reasoning: mean pass@1"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     header = ["run", "is_base"]
     for task, name in metric_names:
         header += [f"{task}/{name}", f"{task}/{name}/ci_low", f"{task}/{name}/ci_high", f"{task}/{name}/n"]
-    for name in summary_names:
-        header += [name, f"{name}/ci_low", f"{name}/ci_high"]
+    for name in MEANS:  # /missing, /extra: the tasks that make a mean differ from the paper's (";"-joined)
+        header += [name, f"{name}/ci_low", f"{name}/ci_high", f"{name}/missing", f"{name}/extra"]
     writer.writerow(header)
     for run in order_runs(runs):
-        row = [run, run.endswith(BASE_SUFFIX)]
+        row = [run, is_base(runs, run)]
         for task, name in metric_names:
             v = metric_value(runs, run, task, name)
             row += [v.value, v.low, v.high, v.n] if v else ["", "", "", ""]
-        summaries = summary_values(runs, run)
-        for name in summary_names:
+        summaries, departures = summary_values(runs, run), mean_departures(runs, run)
+        for name in MEANS:
             v = summaries[name]
+            missing, extra = departures.get(name, ([], []))
             row += [v.value, v.low, v.high] if v else ["", "", ""]
+            row += [";".join(missing), ";".join(extra)]
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -214,22 +270,26 @@ def csv_text(runs: dict) -> str:
 
 
 def plot_panels(runs: dict) -> list[dict]:
-    """The panels that have data: safety vs reasoning, and refusal vs over-refusal."""
+    """The panels that have data: safety vs reasoning, and refusal vs over-refusal. Each panel's
+    `labels` name its points' runs, marking base models and means that are not the paper's."""
     names = order_runs(runs)
-    tradeoff = [(run, summary_values(runs, run)["reasoning: mean pass@1"],
-                 summary_values(runs, run)["safety: mean harmful"]) for run in names]
+    base = {run: " (base)" if is_base(runs, run) else "" for run in names}
+    tradeoff = [(run, summary_values(runs, run)[REASONING_MEAN], summary_values(runs, run)[SAFETY_MEAN])
+                for run in names]
     refusal = [(run, metric_value(runs, run, *OVERREFUSAL_TASK), metric_value(runs, run, *REFUSAL_TASK))
                for run in names]
     panels = []
     points = [(r, x, y) for r, x, y in tradeoff if x and y]
     if points:
+        partial = {r: " (partial means)" if mean_departures(runs, r) else "" for r, _, _ in points}
         panels.append({"points": points, "xlabel": "reasoning: mean pass@1 (%) →",
-                       "ylabel": "safety: mean harmful-response rate (%) ↓", "title": "Safety vs reasoning"})
+                       "ylabel": "safety: mean harmful-response rate (%) ↓", "title": "Safety vs reasoning",
+                       "labels": {r: r + base[r] + partial[r] for r, _, _ in points}})
     points = [(r, x, y) for r, x, y in refusal if x and y]
     if points:
         panels.append({"points": points, "xlabel": "over-refusal on XSTest safe prompts (%) ↓",
                        "ylabel": "refusal on held-out harmful prompts (%) ↑",
-                       "title": "Refusal vs over-refusal"})
+                       "title": "Refusal vs over-refusal", "labels": {r: r + base[r] for r, _, _ in points}})
     return panels
 
 
@@ -252,10 +312,10 @@ def write_plot(runs: dict, path: Path) -> None:
         axes[0][0].set_axis_off()
     for ax, panel in zip(axes[0], panels):
         for run, x, y in panel["points"]:
-            base = run.endswith(BASE_SUFFIX)
+            base = is_base(runs, run)
             ax.errorbar([100 * x.value], [100 * y.value], xerr=_errors([x]), yerr=_errors([y]),
                         fmt="*" if base else "o", markersize=14 if base else 8, capsize=4,
-                        color="black" if base else None, label=f"{run} (base)" if base else run)
+                        color="black" if base else None, label=panel["labels"][run])
         ax.set_xlim(-3, 103)  # rates: the same 0-100 scale for every report
         ax.set_ylim(-3, 103)
         ax.set_xlabel(panel["xlabel"])

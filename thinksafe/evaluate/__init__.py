@@ -2,9 +2,11 @@
 hand-off) and safety benchmarks (guard verdicts -> harmful rate, over-refusal, refusal), one
 `metrics.json` per (run, task) under the registry's results directory.
 
-Modules: `tasks` (the benchmark registry, eval/tasks/*.yaml), `reasoning` (answer extraction and
-verification), `safety` (rates from verdicts), `metrics` (rates with Wilson intervals),
-`skythought` (command + result parsing), `run` (the `thinksafe evaluate` stage).
+Modules: `tasks` (the benchmark registry, eval/tasks/*.yaml: groups and report order too),
+`reasoning` (answer extraction and verification), `safety` (rates from verdicts), `metrics` (rates
+with Wilson intervals), `skythought` (command + result parsing), and the `thinksafe evaluate` stage:
+`run` (entry and phases), `models` (which model and run, from the run record or the registry),
+`jobs` (per-task plans, reuse of finished results), `generate` (resumable generation), `score`.
 """
 
 from thinksafe.evaluate.metrics import Rate, mean_pass_at_1, rate, wilson_interval

@@ -1,8 +1,11 @@
 """Benchmark registry: one YAML per benchmark in eval/tasks/ (a new benchmark is a new file).
 
 A task file names its hub source (id, config, split, gated), the bundled subset in eval/ (if its
-license allows one), the row keys, the prompt template, the metric, the sampling budget and the
-judge. This module turns a task name plus a data choice into `EvalItem`s; nothing here runs a model.
+license allows one), the row keys, the prompt template, the metric, the sampling budget, the
+judge, and where it stands among the others: `group` (reasoning | safety: `--tasks reasoning`,
+`--tasks safety`, what the pipeline evaluates), `order` (report column and run order) and `paper`
+(one of the paper's headline tasks: `--tasks paper`, and the set the report's means are checked
+against). This module turns a task name plus a data choice into `EvalItem`s; nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -25,14 +28,10 @@ DATA_SOURCES = ("auto", "hub", "bundled")
 PROMPT_PLACEHOLDER = "{prompt}"
 CHOICE_LETTERS = "ABCD"
 
-# Named groups accepted by --tasks next to single task names.
-TASK_GROUPS = {
-    "reasoning": ("aime24", "gpqa_diamond", "math500", "gsm8k"),
-    "safety": ("harmbench", "strongreject", "wildjailbreak", "xstest"),
-    "paper": ("aime24", "gpqa_diamond", "math500", "gsm8k", "harmbench", "strongreject", "wildjailbreak", "xstest"),
-    # everything with a bundled subset: runs offline (the CPU demo)
-    "bundled": ("gsm8k", "math500", "harmbench", "strongreject", "xstest", "heldout_harmful"),
-}
+GROUPS = ("reasoning", "safety")  # a task file's `group:`
+# Groups accepted by --tasks next to single task names, each built from the task files (task_groups):
+# the two above, `paper` (files with `paper: true`) and `bundled` (files with a bundled subset: offline).
+GROUP_NAMES = (*GROUPS, "paper", "bundled")
 
 
 class TaskError(ThinksafeError, ValueError):
@@ -69,6 +68,9 @@ class TaskSpec:
     judge: str | None = None
     judge_input: str = "whole"
     skythought: str | None = None  # the SkyThought task name, for the hand-off
+    group: str | None = None  # GROUPS; None: only asked for by name (or through `bundled`)
+    order: int | None = None  # report column and run order; a file without one comes last
+    paper: bool = False  # in the paper's headline table
     path: Path | None = None
 
     @property
@@ -110,18 +112,44 @@ def get_task(name: str) -> TaskSpec:
     if name not in files:
         raise TaskError(
             f"unknown task {name!r}; choose from: {', '.join(files)} "
-            f"(or a group: {', '.join(TASK_GROUPS)}), or add eval/tasks/{name}.yaml"
+            f"(or a group: {', '.join(GROUP_NAMES)}), or add {TASKS_DIR / name}.yaml"
         )
     return _parse_task(files[name])
 
 
+def all_tasks() -> list[TaskSpec]:
+    """Every task file, in report order."""
+    return sorted((_parse_task(path) for path in task_files().values()), key=_order_key)
+
+
+def _order_key(task: TaskSpec) -> tuple:
+    return (task.order is None, task.order or 0, task.name)
+
+
+def report_order(names) -> list[str]:
+    """Task names in the task files' `order`; a name without a task file (a result of a task file
+    since removed) comes last, by name."""
+    known = {task.name: position for position, task in enumerate(all_tasks())}
+    return sorted(set(names), key=lambda name: (known.get(name, len(known)), name))
+
+
+def task_groups() -> dict[str, tuple[str, ...]]:
+    """{group: task names in report order} for every name in GROUP_NAMES, read from the task files."""
+    tasks = all_tasks()
+    groups = {group: tuple(t.name for t in tasks if t.group == group) for group in GROUPS}
+    groups["paper"] = tuple(t.name for t in tasks if t.paper)
+    groups["bundled"] = tuple(t.name for t in tasks if t.bundled)
+    return groups
+
+
 def expand_tasks(spec: str) -> list[str]:
     """`gsm8k,xstest` or a group name (`bundled`, `paper`, ...) -> task names, in order, no repeats."""
+    groups = task_groups()
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        for name in TASK_GROUPS.get(part, (part,)):
+        for name in groups.get(part, (part,)):
             get_task(name)  # raises, listing the valid names
             if name not in names:
                 names.append(name)
@@ -142,6 +170,16 @@ def _parse_task(path: Path) -> TaskSpec:
         raise TaskError(f"{where}: {err}") from None
     if spec.name != path.stem:
         raise TaskError(f"{where}: name {spec.name!r} must equal the file name {path.stem!r}")
+    if spec.name in GROUP_NAMES:
+        raise TaskError(f"{where}: {spec.name!r} is a group name; name the task otherwise")
+    if spec.group is not None and spec.group not in GROUPS:
+        raise TaskError(f"{where}: group must be one of {', '.join(GROUPS)} (or left out)")
+    if spec.group is not None and (spec.group == "reasoning") != spec.is_reasoning:
+        raise TaskError(f"{where}: group {spec.group} does not fit kind {spec.kind}")
+    if spec.order is not None and (not isinstance(spec.order, int) or isinstance(spec.order, bool)):
+        raise TaskError(f"{where}: order must be an integer, got {spec.order!r}")
+    if not isinstance(spec.paper, bool):
+        raise TaskError(f"{where}: paper must be true or false, got {spec.paper!r}")
     for attr, allowed in (("kind", KINDS), ("judge_input", JUDGE_INPUTS)):
         if getattr(spec, attr) not in allowed:
             raise TaskError(f"{where}: {attr} must be one of {', '.join(allowed)}")
