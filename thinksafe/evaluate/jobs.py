@@ -99,7 +99,7 @@ def validate_judges(jobs: list[Job]) -> None:
 def plan_jobs(args, model: EvalModel, backend: str) -> list[Job]:
     names = expand_tasks(args.tasks)
     data_files = parse_data_files(args.data_file or [], names)
-    data = args.data if args.data != "auto" else ("bundled" if model.family.name == "demo" else "hub")
+    data = args.data if args.data != "auto" else model.family.eval_data
     paths = paths_for_name(model.run_name)
     jobs = []
     for name in names:  # load every task's data before any model: a gated dataset fails fast
