@@ -44,7 +44,7 @@ def test_two_grpo_steps_on_cpu_train_the_adapter_and_write_the_run(tiny_qwen3, p
     from its first-token logprobs of "safe"/"unsafe"), so the real reward code runs end to end."""
     from safetensors.torch import load_file
 
-    from thinksafe.grpo import main
+    from thinksafe.train.grpo import main
 
     argv = ["--model", str(tiny_qwen3), "--dataset", str(prompts_file), "--guard", str(tiny_qwen3),
             "--guard-style", "llama-guard", "--device", "cpu", "--report-to", "none", "--max-steps", "2",
@@ -84,7 +84,7 @@ def trl_prompt_ids(tokenizer, family, instructions):
 
     from trl import GRPOTrainer
 
-    from thinksafe.grpo import template_kwargs, trainer_prompt
+    from thinksafe.train.grpo import template_kwargs, trainer_prompt
 
     trainer = SimpleNamespace(processing_class=tokenizer, _is_vlm=False, environment_factories=None, tools=None,
                               chat_template=None, chat_template_kwargs=template_kwargs(family))
@@ -118,7 +118,7 @@ def test_trl_turns_thinking_on_for_qwen3(tiny_qwen3):
 
 def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
     from thinksafe.chat import generation_prompt_ids
-    from thinksafe.grpo import prompt_dataset, trainer_prompt
+    from thinksafe.train.grpo import prompt_dataset, trainer_prompt
     from thinksafe.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_qwen3))
@@ -133,7 +133,7 @@ def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
 
 
 def test_completion_length_capped_at_the_policy_server_context():
-    from thinksafe.grpo import capped_completion_length
+    from thinksafe.train.grpo import capped_completion_length
 
     assert capped_completion_length(16384, 1024, None) == 16384
     assert capped_completion_length(16384, 1024, 16384) == 15360  # the paper's setup overflowed here
@@ -142,35 +142,44 @@ def test_completion_length_capped_at_the_policy_server_context():
         capped_completion_length(16384, 1024, 1024)
 
 
-def test_options_come_from_the_recipe_and_flags_override(prompts_file):
-    from thinksafe.grpo import parse_args
+def test_options_come_from_the_defaults_and_flags_override(prompts_file):
+    from thinksafe.train.grpo import parse_args
 
-    args, spec = parse_args(["--model", "qwen/0.6B", "--dataset", str(prompts_file)])
-    assert spec.source == "Qwen/Qwen3-0.6B" and args.guard == "llama-guard-3"
-    assert (args.rank, args.lora_dropout, args.effective_batch_size, args.num_generations) == (32, 0.05, 64, 8)
-    assert (args.beta, args.epsilon, args.temperature, args.learning_rate) == (0.04, 0.2, 0.7, 1e-5)
-    assert (args.max_prompt_length, args.max_completion_length, args.warmup_ratio) == (1024, 16384, 0.1)
-    assert args.lr_scheduler_type == "cosine" and args.gradient_checkpointing is True
-    args, _ = parse_args(["--model", "r1-distill/8B", "--dataset", str(prompts_file), "--beta", "0", "--rank", "8"])
-    assert (args.beta, args.rank) == (0.0, 8)
-    args, _ = parse_args(["--model", "demo", "--dataset", str(prompts_file)])
-    assert args.guard == "refusal-judge"  # the demo family's guard
+    run = parse_args(["--model", "qwen/0.6B", "--dataset", str(prompts_file), "--device", "cpu"])
+    model, args, config = run.model, run.args, run.config
+    assert run.spec.source == "Qwen/Qwen3-0.6B" and args.guard == "llama-guard-3"
+    assert (model.lora_r, model.lora_alpha, model.lora_dropout) == (32, 16, 0.05)
+    assert (config.effective_batch_size, config.num_generations) == (64, 8)
+    # 64 completions per step on one process, one per micro-batch: 64 accumulation steps
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 64)
+    assert (config.beta, config.epsilon, config.temperature, config.learning_rate) == (0.04, 0.2, 0.7, 1e-5)
+    assert (config.max_prompt_length, config.max_completion_length, config.warmup_steps) == (1024, 16384, 0.1)
+    assert config.lr_scheduler_type == "cosine" and config.gradient_checkpointing is True
+    assert config.chat_template_kwargs == {"enable_thinking": True} and config.use_vllm is False
+    run = parse_args(["--model", "r1-distill/8B", "--dataset", str(prompts_file), "--beta", "0", "--rank", "8",
+                      "--device", "cpu"])
+    assert (run.config.beta, run.model.lora_r) == (0.0, 8)
+    run = parse_args(["--model", "demo", "--dataset", str(prompts_file), "--device", "cpu"])
+    assert run.args.guard == "refusal-judge" and run.config.chat_template_kwargs == {"enable_thinking": False}
+    run = parse_args(["--model", "qwen", "--dataset", str(prompts_file), "--device", "cpu", "--use_vllm", "true",
+                      "--vllm_mode", "colocate"])
+    assert (run.config.use_vllm, run.config.vllm_mode) == (True, "colocate")  # TRL's colocated engine
 
 
 @pytest.mark.parametrize("model", ["qwen/0.6B", "r1-distill/8B", "demo"])
-def test_trl_corrections_the_paper_did_not_have_are_off(model, prompts_file, tmp_path):
+def test_trl_corrections_the_paper_did_not_have_are_off(model, prompts_file):
     """TRL 1.x turns on a bias-corrected KL and vLLM importance sampling; the paper's TRL 0.21 had neither."""
     from trl import GRPOConfig
 
-    from thinksafe.grpo import grpo_config, parse_args
+    from thinksafe.train.grpo import parse_args
 
     assert GRPOConfig.use_bias_correction_kl and GRPOConfig.vllm_importance_sampling_correction  # TRL's defaults
-    args, spec = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8"])
-    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64, spec.family)
+    config = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8",
+                         "--device", "cpu"]).config
     assert config.use_bias_correction_kl is False and config.vllm_importance_sampling_correction is False
-    args, _ = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8",
-                          "--use-bias-correction-kl", "true", "--vllm-importance-sampling-correction", "true"])
-    config = grpo_config(args, paths_for_name("grpo", tmp_path), "cpu", [], 64, spec.family)
+    config = parse_args(["--model", model, "--dataset", str(prompts_file), "--effective-batch-size", "8",
+                         "--device", "cpu", "--use-bias-correction-kl", "true",
+                         "--vllm-importance-sampling-correction", "true"]).config
     assert config.use_bias_correction_kl is True and config.vllm_importance_sampling_correction is True
 
 
@@ -183,20 +192,20 @@ def test_trl_corrections_the_paper_did_not_have_are_off(model, prompts_file, tmp
       "--guard", "refusal-judge"], "must be a Llama-Guard model"),
 ])
 def test_bad_options_raise_one_line_errors(argv, message, prompts_file):
-    from thinksafe.grpo import parse_args
+    from thinksafe.train.grpo import parse_args
 
     with pytest.raises(ThinksafeError, match=message):
-        parse_args([*argv, "--dataset", str(prompts_file)])
+        parse_args([*argv, "--dataset", str(prompts_file), "--device", "cpu"])
 
 
 # --- launch plan -----------------------------------------------------------------------------
 
 
 def _plan(gpu_ids: str, prompts_file, *extra):
-    from thinksafe.grpo import launch_plan, parse_args
+    from thinksafe.train.grpo import launch_plan, parse_args
 
-    args, spec = parse_args(["--model", "qwen/0.6B", "--dataset", str(prompts_file), *extra])
-    return launch_plan(args, spec, gpu_ids)
+    return launch_plan(parse_args(["--model", "qwen/0.6B", "--dataset", str(prompts_file), "--device", "cpu",
+                                   *extra]), gpu_ids)
 
 
 @pytest.mark.parametrize("gpu_ids, device, visible", [("cpu", "cpu", ""), ("3", "cuda", "3"), ("1,0", "cuda", "1")])

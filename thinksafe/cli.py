@@ -20,7 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "merge": ("thinksafe.merge", "merge a LoRA adapter into its base model"),
     "evaluate": ("thinksafe.evaluate.run", "reasoning and safety benchmarks"),
     "report": ("thinksafe.report", "table and plot across runs"),
-    "grpo": ("thinksafe.grpo", "GRPO baseline with guard and format rewards"),
+    "grpo": ("thinksafe.train.grpo", "GRPO baseline with guard and format rewards"),
     "pipeline": ("thinksafe.pipeline", "synthesize -> train -> merge -> evaluate -> report (train_and_eval.sh)"),
     "demo-model": ("thinksafe.models", "convert the embedded SmolLM2-135M demo model (first use only)"),
 }

@@ -8,6 +8,7 @@ Aliases keep the scripts' short flags (--rank, --epochs, --prompt-masking) worki
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,8 +16,8 @@ from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from thinksafe.config.parse import ConfigError
 from thinksafe.registry import MAX_LORA_RANK
+from thinksafe.tracking import REPORT_CHOICES
 
-REPORT_CHOICES = ("auto", "wandb", "offline", "none")
 
 
 def _alias(*flags: str, help: str = "") -> dict:
@@ -75,6 +76,14 @@ class _ThinkSafeTrainerMixin:
     target_device: str | None = field(default=None, metadata=_alias(
         "--device", help="cuda or cpu (default: cuda when available)"))
 
+    def split_batch(self, processes: int) -> None:
+        """per-device batch x accumulation x processes = effective batch (TRL's GRPOConfig derives its
+        generation batch from these in __post_init__, so they are set before it runs)."""
+        from thinksafe.train.common import batch_split
+
+        self.per_device_train_batch_size, self.gradient_accumulation_steps = batch_split(
+            self.effective_batch_size, self.per_device_train_batch_size, processes)
+
     def check_and_place(self) -> None:
         from thinksafe.models import resolve_device
         from thinksafe.tracking import configure_wandb
@@ -85,6 +94,7 @@ class _ThinkSafeTrainerMixin:
             raise ConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {self.max_steps}")
         if self.effective_batch_size < 1:
             raise ConfigError(f"--effective-batch-size must be a positive integer, got {self.effective_batch_size}")
+        self.split_batch(int(os.environ.get("WORLD_SIZE", "1")))  # accelerate/torchrun set it per process
         self.target_device = resolve_device(self.target_device)
         on_gpu = self.target_device.startswith("cuda")
         self.bf16, self.use_cpu = on_gpu, not on_gpu
@@ -147,6 +157,29 @@ class ThinkSafeGRPOConfig(_ThinkSafeTrainerMixin, GRPOConfig):
     lr_scheduler_type: str = "cosine"
     logging_steps: float = 20
 
+    vllm_server_base_url: str | None = field(default=None, metadata=_alias(
+        "--vllm-server-url", help="`trl vllm-serve` base URL: server mode (scripts/grpo.sh)"))
+
     def __post_init__(self):
+        if self.effective_batch_size % self.num_generations:
+            raise ConfigError(f"--effective-batch-size {self.effective_batch_size} must be a multiple of "
+                              f"--num-generations {self.num_generations} (whole prompt groups per step)")
+        if self.vllm_server_base_url:
+            self.use_vllm, self.vllm_mode = True, "server"
         self.check_and_place()
         super().__post_init__()
+
+
+@dataclass
+class GRPOArguments(RunArguments):
+    """What GRPO rewards with and how scripts/grpo.sh places it."""
+
+    guard: str | None = field(default=None, metadata={
+        "help": "reward guard: a registered guard name, a hub id or dir (default: the family's; the server "
+                "mode needs a Llama-Guard model)"})
+    guard_style: Literal["llama-guard", "wildguard"] | None = field(default=None, metadata={
+        "help": "how to use a guard that is not a named one (e.g. a small chat LM in Llama-Guard style)"})
+    guard_server_url: str | None = field(default=None, metadata={"help": "`vllm serve <guard>` base URL"})
+    server_gpus: int = field(default=0, metadata={"help": "GPUs held by the servers (for GPU-hours)"})
+    plan: str | None = field(default=None, metadata={
+        "metavar": "GPU_IDS", "help": "validate, print the launch plan for scripts/grpo.sh and exit"})

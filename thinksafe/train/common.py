@@ -1,4 +1,4 @@
-"""Pieces SFT and GRPO share: options, recipe defaults, LoRA config, batch split, output checks, the tail.
+"""Pieces SFT and GRPO share: LoRA config, batch split, run directory checks, the tail.
 
 The tail (`finish_run`) saves the final adapter under the registry's run paths, writes
 `run_info.json` (the marker of a finished run) and logs the final metrics; `resume_checkpoint`
@@ -7,7 +7,6 @@ finds the last checkpoint of an interrupted run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import atomic_write_json, read_json, require_writable_dir, swap_in
-from thinksafe.registry import RunPaths, check_lora_rank, parse_positive_int
-from thinksafe.tracking import REPORT_CHOICES
+from thinksafe.registry import RunPaths, parse_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -28,89 +26,6 @@ OVERWRITE_SUFFIX = ".overwrite"  # runs/.<name>.overwrite: a replacement trained
 
 class TrainConfigError(ThinksafeError, ValueError):
     """A training option that cannot be used as given."""
-
-
-# Integer options checked after parsing (argparse would turn our one-line error into usage + a generic one).
-_POSITIVE_INT_OPTIONS: set[str] = set()
-
-
-def positive_int(name: str):
-    """Mark an option as a positive integer; `check_positive_ints` validates it after parsing."""
-    _POSITIVE_INT_OPTIONS.add(name)
-    return str
-
-
-def check_positive_ints(args: argparse.Namespace) -> argparse.Namespace:
-    """Each marked option that was given -> int, or a one-line ThinksafeError naming it."""
-    for option in _POSITIVE_INT_OPTIONS:
-        key = option.lstrip("-").replace("-", "_")
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(args, key, parse_positive_int(value, option))
-    return args
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Options every training stage has. Defaults are None: the recipe fills what a flag leaves unset."""
-    parser.add_argument("--model", required=True, help="family (qwen, r1-distill, demo), family/size, hub id or dir")
-    parser.add_argument("--size", default=None, help="model size when --model is a family, e.g. 1.7B")
-    parser.add_argument("--rank", type=positive_int("--rank"), default=None, help="LoRA rank (alpha = rank/2)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: rank/2, as the paper)")
-    parser.add_argument("--lora-dropout", type=float, default=None)
-    parser.add_argument("--target-modules", nargs="+", default=None,
-                        help="LoRA target modules (default: PEFT's defaults for the architecture, as the paper)")
-    parser.add_argument("--full-finetune", action="store_true", help="train every weight instead of a LoRA adapter")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--effective-batch-size", type=positive_int("--effective-batch-size"), default=None,
-                        help="sequences per optimizer step over all processes")
-    parser.add_argument("--per-device-batch-size", type=positive_int("--per-device-batch-size"), default=None)
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (smoke runs)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                        default=None)
-    parser.add_argument("--report-to", choices=REPORT_CHOICES, default="auto",
-                        help="wandb when logged in (auto), offline, or none; never prompts")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the same directory")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start over even when a checkpoint of this run exists")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-
-
-def with_recipe(args: argparse.Namespace, recipe: dict, defaults: dict) -> argparse.Namespace:
-    """Flags win over the recipe, the recipe over built-in defaults (argparse defaults are None)."""
-    check_positive_ints(args)
-    for key in set(recipe) | set(defaults):
-        if getattr(args, key, None) is None:
-            setattr(args, key, recipe.get(key, defaults.get(key)))
-    return check_ranges(args)
-
-
-def _number(args: argparse.Namespace, key: str) -> float | None:
-    """An option's value as a number (a recipe may hold `1e-5`, which YAML reads as a string)."""
-    value = getattr(args, key, None)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TrainConfigError(f"--{key.replace('_', '-')} must be a number, got {value!r}") from None
-
-
-def check_ranges(args: argparse.Namespace) -> argparse.Namespace:
-    """Values argparse accepts but training would reject only after the model loaded."""
-    if getattr(args, "rank", None) is not None:
-        check_lora_rank(args.rank, "--rank")
-    learning_rate, dropout, alpha = (_number(args, k) for k in ("learning_rate", "lora_dropout", "lora_alpha"))
-    if learning_rate is not None and not learning_rate > 0:
-        raise TrainConfigError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if dropout is not None and not 0 <= dropout < 1:
-        raise TrainConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    if alpha is not None and not alpha > 0:
-        raise TrainConfigError(f"--lora-alpha must be positive, got {args.lora_alpha}")
-    max_steps = getattr(args, "max_steps", -1)
-    if max_steps == 0 or max_steps < -1:
-        raise TrainConfigError(f"--max-steps must be a positive integer (or -1: all epochs), got {max_steps}")
-    return args
 
 
 def lora_config(rank: int, alpha: float | None, dropout: float,
@@ -152,39 +67,14 @@ def num_processes() -> int:
     return distributed_state().num_processes
 
 
-def shared_trainer_kwargs(args, paths: RunPaths, device: str, report_to: list[str]) -> dict:
-    """The TrainingArguments fields SFTConfig and GRPOConfig both take, from the shared options."""
-    per_device, accumulation = batch_split(args.effective_batch_size, args.per_device_batch_size, num_processes())
-    on_gpu = device.startswith("cuda")
-    return dict(
-        output_dir=str(paths.checkpoints),
-        run_name=paths.name,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
-        max_grad_norm=args.max_grad_norm,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=bool(args.gradient_checkpointing),
-        seed=args.seed,
-        data_seed=args.seed,
-        logging_steps=args.logging_steps,
-        report_to=report_to,
-        dataloader_num_workers=0,
-    )
-
-
 def place_trainer(config, paths: RunPaths) -> None:
-    """Fill what the config cannot know before the run is placed: where it writes, its name, and how
-    the effective batch splits over this launch's processes (a TRL config is a mutable dataclass)."""
-    per_device, accumulation = batch_split(config.effective_batch_size, config.per_device_train_batch_size,
-                                           num_processes())
+    """Fill what the config cannot know before the run is placed: where it writes and its name (a TRL
+    config is a mutable dataclass). The batch split was made from WORLD_SIZE; check it holds."""
+    processes = num_processes()
+    if config.per_device_train_batch_size * config.gradient_accumulation_steps * processes != config.effective_batch_size:
+        raise TrainConfigError(f"the effective batch {config.effective_batch_size} was split for another number "
+                               f"of processes than the {processes} running; launch with WORLD_SIZE set")
     config.output_dir, config.run_name = str(paths.checkpoints), paths.name
-    config.per_device_train_batch_size, config.gradient_accumulation_steps = per_device, accumulation
     config.data_seed = config.seed
 
 
@@ -301,10 +191,3 @@ def summary_metrics(log_history: list[dict]) -> dict:
     for entry in log_history:
         merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     return merged
-
-
-def existing_path(value: str, what: str) -> Path:
-    path = Path(value)
-    if not path.exists():
-        raise TrainConfigError(f"{what} {value!r} does not exist")
-    return path
