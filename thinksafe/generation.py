@@ -173,6 +173,10 @@ def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None 
         if enable_lora and dtype in ("float32", "fp32"):
             # Measured on an H200 (vllm 0.24): the Triton LoRA kernels assert fp16/bf16 weights.
             raise ValueError("vLLM serves LoRA adapters on GPUs in bf16/fp16 only: drop dtype float32")
+        # Our stages touch CUDA before the engine starts (device checks, freeing memory between the
+        # policy and the guard); vllm 0.24 then forks its engine core and fails with "Cannot
+        # re-initialize CUDA in forked subprocess" (measured on an H200). Spawn starts it clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         return {"tensor_parallel_size": tensor_parallel_size or torch.cuda.device_count(),
                 "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype or "auto"}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))

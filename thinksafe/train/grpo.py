@@ -152,7 +152,15 @@ def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length
         raise TrainConfigError(f"every prompt is longer than --max-prompt-length {max_prompt_length} tokens")
     if dropped:
         logger.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(instructions), max_prompt_length)
-    return Dataset.from_dict(rows), dropped
+    # Our own fingerprint: Dataset.from_dict hashes the table with dill, which fails on Python 3.12
+    # (the GPU image's) for pyarrow's MonthDayNano type, as in train/data.py.
+    import hashlib
+    import json
+
+    from datasets.table import InMemoryTable
+
+    key = hashlib.sha256(json.dumps(rows["instruction"]).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pydict(rows), fingerprint=f"thinksafe-grpo-{key}"), dropped
 
 
 def capped_completion_length(requested: int, max_prompt_length: int, server_max_model_len: int | None) -> int:
