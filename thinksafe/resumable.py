@@ -2,9 +2,9 @@
 
 The log (thinksafe.io.ResumableLog, one fsynced JSON line per sample, keyed by `sample_key`) says
 which samples exist; a rerun generates only the others, so a run killed at any point loses at most
-the chunk in flight. `thinksafe evaluate` generates through `generate_missing`. Synthesis still
-has the same loop of its own (thinksafe.synthesize.generate_missing); on this one it is
-`generate_missing(..., chunk_sampling=<its seed per chunk>, whole_prompt=True)` with its row builder.
+the chunk in flight. `thinksafe evaluate` and `thinksafe synthesize` both generate through
+`generate_missing`; synthesis (thinksafe/synthesize/generate.py) with `whole_prompt=True` and a
+seed per chunk (`chunk_sampling`), and its own row builder.
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""Generation phase: every (prompt, sample) missing from generations.partial.jsonl, generated
+through thinksafe.resumable (the helper evaluation uses too), one fsynced chunk at a time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from thinksafe import resumable
+from thinksafe.errors import ThinksafeError
+from thinksafe.generation import Generator
+from thinksafe.io import ResumableLog
+from thinksafe.models import free_accelerator_memory
+from thinksafe.prompts import PromptRow
+from thinksafe.resumable import missing_samples, sample_key
+from thinksafe.synthesize.completion import check_completion, steer
+from thinksafe.synthesize.config import GENERATIONS_LOG, SynthConfig
+from thinksafe.synthesize.stats import PhaseTimer
+
+HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
+VLLM_CHUNK_PROMPTS = 1024  # vLLM: big chunks keep its scheduler busy; a kill loses at most one
+
+
+@dataclass
+class Generated:
+    rows: dict[str, dict]  # log key (prompt#sample) -> generation row
+    timer: PhaseTimer
+    backend: str | None
+    backend_reason: str | None
+
+
+def generation_chunk_size(cfg: SynthConfig, backend_name: str) -> int:
+    if cfg.chunk_size:
+        return cfg.chunk_size
+    if backend_name == "vllm":
+        return VLLM_CHUNK_PROMPTS
+    return max(1, cfg.batch_size * HF_PROMPTS_PER_BATCH_CHUNK // cfg.sampling.n)
+
+
+class _CountingTokens:
+    """The generator, summing the tokens of every completion it returns: a prompt missing one sample
+    is generated whole, and the samples the log already has were generated (and cost time) too."""
+
+    def __init__(self, generator: Generator, n: int):
+        self.generator, self.n, self.tokens = generator, n, 0
+
+    def chat(self, prompts, sampling, enable_thinking=True, progress=None):
+        outputs = self.generator.chat(prompts, sampling, enable_thinking=enable_thinking, progress=progress)
+        self.tokens += sum(c.num_tokens for completions in outputs for c in completions[: self.n])
+        return outputs
+
+
+def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Generator, log: ResumableLog,
+                     timer: PhaseTimer) -> None:
+    """Generate every (prompt, sample) not yet in the log. A prompt missing any sample is generated
+    with all n, seeded per chunk from the position of the chunk's first prompt: chunks are logged
+    whole, so a chunk lost to a kill is sampled again as the uninterrupted run sampled it."""
+    n, family = cfg.sampling.n, cfg.model.family
+    position = {p.id: i for i, p in enumerate(prompts)}
+    pending = len(missing_samples(log, position, n))
+    timer.resumed = len(prompts) - pending
+
+    def chunk_sampling(chunk: list[tuple[str, str]]):
+        return cfg.sampling.replace(seed=cfg.sampling.seed + position[chunk[0][0]])
+
+    def row(prompt_id: str, sample: int, _steered: str, completion) -> dict:
+        text, status = check_completion(completion, family)
+        return {"key": sample_key(prompt_id, sample), "prompt_id": prompt_id, "sample": sample, "status": status,
+                "finished": completion.finished, "num_tokens": completion.num_tokens, "response": text}
+
+    counting = _CountingTokens(generator, n)
+    steered = [(p.id, steer(p.instruction, p.harmful, cfg.steer_prefix)) for p in prompts]
+    start = time.perf_counter()
+    resumable.generate_missing(counting, steered, cfg.sampling, log, row, generation_chunk_size(cfg, generator.name),
+                               "generate", chunk_sampling=chunk_sampling, whole_prompt=True)
+    timer.items += pending
+    timer.tokens += counting.tokens
+    timer.wall_s = time.perf_counter() - start
+
+
+def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
+    from thinksafe.generation import make_generator, pick_backend
+
+    try:
+        work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
+        return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),
+                              batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, RuntimeError) as err:
+        if isinstance(err, ThinksafeError):
+            raise
+        raise ThinksafeError(str(err)) from None
+
+
+def generation_phase(cfg: SynthConfig, prompts: list[PromptRow], work: Path,
+                     generator: Generator | None = None) -> Generated:
+    """Resume generation in `work`; a generator loaded here is freed before the guard loads."""
+    n = cfg.sampling.n
+    timer = PhaseTimer("generation")
+    log = ResumableLog(work / GENERATIONS_LOG, key=lambda r: r["key"])
+    missing = missing_samples(log, (p.id for p in prompts), n)
+    backend = generator.name if generator is not None else None
+    backend_reason = generator.reason if generator is not None else None
+    if missing:
+        load_start = time.perf_counter()
+        owned = generator is None
+        generator = generator or make_default_generator(cfg, len(missing))
+        backend, backend_reason = generator.name, generator.reason
+        timer.load_s = time.perf_counter() - load_start
+        generate_missing(cfg, prompts, generator, log, timer)
+        timer.extra["completions"] = timer.items * n
+        generator = None  # the last reference to a generator loaded here, so its memory can go
+        if owned:
+            free_accelerator_memory()
+    else:
+        timer.resumed = len(prompts)
+    return Generated({r["key"]: r for r in log.rows}, timer, backend, backend_reason)

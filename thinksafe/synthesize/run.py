@@ -1,0 +1,74 @@
+"""One synthesis run: check the inputs, generate, judge, assemble, write the set (or refuse an
+empty one), push it if asked."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from thinksafe.errors import ThinksafeError
+from thinksafe.generation import Generator
+from thinksafe.guards import keep_rule
+from thinksafe.io import swap_in
+from thinksafe.models import check_model_source, resolve_device
+from thinksafe.prompts import load_prompts
+from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
+from thinksafe.synthesize.dataset import assemble
+from thinksafe.synthesize.generate import generation_phase
+from thinksafe.synthesize.judge import judging_phase
+from thinksafe.synthesize.outdir import move_user_files, prepare_out_dir, refuse_empty_set, write_dataset_set
+from thinksafe.synthesize.stats import run_stats
+
+
+@dataclass
+class SynthResult:
+    train_file: Path
+    stats_file: Path
+    stats: dict
+
+
+def check_inputs(cfg: SynthConfig, generator: Generator | None, guard) -> None:
+    """Everything checkable without a model, before anything in --out is touched."""
+    from thinksafe.guards import validate_guard_name
+
+    if guard is None:
+        validate_guard_name(cfg.guard, cfg.guard_style)
+    if generator is None:
+        check_model_source(cfg.model.source)
+    if cfg.device is not None:
+        resolve_device(cfg.device)
+
+
+def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None) -> SynthResult:
+    """Run (or resume) synthesis. `generator`/`guard` replace the default ones (tests, notebooks)."""
+    started = time.perf_counter()
+    check_inputs(cfg, generator, guard)
+    prompts = load_prompts(cfg.prompts, cfg.limit, cfg.instruction_column, cfg.label_column)
+    work = prepare_out_dir(cfg)
+
+    generated = generation_phase(cfg, prompts, work, generator)
+    judged = judging_phase(cfg, prompts, generated.rows, work, guard)
+
+    rows, unfinished_rows, counts = assemble(cfg, prompts, generated.rows, judged.verdicts,
+                                             keep_rule(judged.guard_name))
+    stats = run_stats(cfg, counts, generated, judged, started)
+    if not rows:
+        refuse_empty_set(cfg, work, stats, judged.candidates)
+    write_dataset_set(work, rows, unfinished_rows if cfg.keep_unfinished_benign else None, stats)
+    if work != cfg.out:
+        move_user_files(cfg.out, work)
+        swap_in(work, cfg.out)
+    train_file = cfg.out / TRAIN_FILE
+    if cfg.push_to_hub:
+        push_to_hub(train_file, cfg.push_to_hub)
+    return SynthResult(train_file, cfg.out / STATS_FILE, stats)
+
+
+def push_to_hub(train_file: Path, repo: str) -> None:
+    from datasets import load_dataset
+
+    try:
+        load_dataset("json", data_files=str(train_file), split="train").push_to_hub(repo)
+    except Exception as err:  # network/auth errors come in many types: one line naming the repo
+        raise ThinksafeError(f"push to the hub repo {repo!r} failed: {str(err).strip().splitlines()[0]}") from None
