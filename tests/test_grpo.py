@@ -132,6 +132,26 @@ def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
         prompt_dataset([long], tokenizer, family, limit)
 
 
+def test_prompt_dataset_never_hashes_its_rows_with_dill(tiny_qwen3, monkeypatch):
+    """On the GPU image (Python 3.12) datasets' dill hashing of a from_dict table fails (pyarrow's
+    MonthDayNano cannot be pickled); the prompt dataset carries our own content fingerprint instead."""
+    import datasets.fingerprint
+
+    from thinksafe.models import load_tokenizer
+    from thinksafe.train.grpo import prompt_dataset
+
+    def dill_fails(*args, **kwargs):
+        raise RuntimeError("Can't pickle <class 'MonthDayNano'>")
+
+    monkeypatch.setattr(datasets.fingerprint.Hasher, "hash", classmethod(lambda cls, value: dill_fails()))
+    tokenizer, family = load_tokenizer(str(tiny_qwen3)), FAMILIES["qwen"]
+    one, _ = prompt_dataset(INSTRUCTIONS, tokenizer, family, 1024)
+    same, _ = prompt_dataset(INSTRUCTIONS, tokenizer, family, 1024)
+    other, _ = prompt_dataset(INSTRUCTIONS[:2], tokenizer, family, 1024)
+    assert one._fingerprint == same._fingerprint != other._fingerprint
+    assert one["instruction"] == INSTRUCTIONS
+
+
 def test_completion_length_capped_at_the_policy_server_context():
     from thinksafe.train.grpo import capped_completion_length
 

@@ -75,19 +75,8 @@ def parse_devices(value: str, check_visible: bool = True, name: str = "devices")
 
 def resolve_plan(args: dict, check_devices: bool = True) -> dict:
     """Positional script arguments (None/'' = default) -> resolved values, run name and paths."""
-    given = {k: (args.get(k) or DEFAULTS.get(k)) for k in POSITIONAL}
-    if args.get("guard"):
-        guards = list(GUARD_SPECS)
-        if args["guard"] not in guards:
-            raise PlanError(f"guard {args['guard']!r} is unknown; choose one of: {', '.join(guards)}")
-        given["dataset"] = f"{SELF_GENERATED}-{args['guard']}"
-    try:
-        family = get_family(given["model_type"])
-    except RegistryError as err:
-        raise PlanError(f"model_type: {err}") from None
-    size = given["size"] or family.default_size
-    if size not in family.sizes:
-        raise PlanError(f"size {size!r} is not a {family.name} size; choose one of: {', '.join(family.sizes)}")
+    given = given_arguments(args)
+    family, size = family_and_size(given)
     use_kl = parse_bool(given["use_kl"], "use_kl")
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
     devices = parse_devices(given["devices"], check_visible=check_devices)
@@ -96,45 +85,59 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         dataset = resolve_dataset(given["dataset"], family)
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
-    from thinksafe.train.sft import parse_args as parse_sft, run_config
-
-    for name in ("rank", "epochs"):
-        if given[name]:
-            parse_positive_int(given[name], name)
-    # The run is named from the same typed config `train` will parse (recipe and all), so the two agree.
-    sft_argv = ["--model", family.name, "--size", size, "--dataset", given["dataset"], "--use_kl", str(use_kl),
-                "--completion_only_loss", str(prompt_masking), "--device", "cpu", "--report_to", "none"]
-    sft_argv += [*(["--lora_r", str(given["rank"])] if given["rank"] else []),
-                 *(["--num_train_epochs", str(given["epochs"])] if given["epochs"] else [])]
-    model_cfg, run, sft = parse_sft(sft_argv)
-    cfg = run_config(model_cfg, run, sft)
-    rank, epochs, kl_on_unfinished, kl_weighting = cfg.rank, cfg.epochs, cfg.kl_on_unfinished, cfg.kl_weighting
+    model_cfg, run, sft, cfg = training_config(given, family.name, size, use_kl, prompt_masking)
     paths = run_paths(cfg)
     plan = {
-        "devices": ",".join(devices),
-        "num_devices": "0" if devices == ["cpu"] else str(len(devices)),
-        "model_type": family.name,
-        "size": size,
-        "model": model.source,
-        "dataset": given["dataset"],
-        "dataset_kind": dataset.kind,
-        "dataset_source": dataset.source,
-        "use_kl": str(use_kl).lower(),
-        "kl_on_unfinished": str(kl_on_unfinished).lower(),
-        "kl_weighting": kl_weighting,
-        "prompt_masking": str(prompt_masking).lower(),
-        "rank": str(rank),
-        "epochs": str(epochs),
-        "run_name": paths.name,
-        **{f"path_{k}": v for k, v in paths.to_dict().items() if k != "name"},
-        "base_run_name": base_paths(model).name,
-        "base_results": str(base_paths(model).results),
+        "devices": ",".join(devices), "num_devices": "0" if devices == ["cpu"] else str(len(devices)),
+        "model_type": family.name, "size": size, "model": model.source, "dataset": given["dataset"],
+        "dataset_kind": dataset.kind, "dataset_source": dataset.source, "use_kl": str(use_kl).lower(),
+        "kl_on_unfinished": str(cfg.kl_on_unfinished).lower(), "kl_weighting": cfg.kl_weighting,
+        "prompt_masking": str(prompt_masking).lower(), "rank": str(cfg.rank), "epochs": str(cfg.epochs),
+        "run_name": paths.name, **{f"path_{k}": v for k, v in paths.to_dict().items() if k != "name"},
+        "base_run_name": base_paths(model).name, "base_results": str(base_paths(model).results),
         "record": record(family.name, model_cfg, run, sft),
     }
     if dataset.kind == "self":
         data_dir = synthesized_data_dir(model, dataset.source)
         plan.update(guard=dataset.source, data_dir=str(data_dir), data_file=str(data_dir / SYNTH_TRAIN_FILE))
     return plan
+
+
+def given_arguments(args: dict) -> dict:
+    """The positional arguments with the scripts' defaults; --guard names the self-generated dataset."""
+    given = {k: (args.get(k) or DEFAULTS.get(k)) for k in POSITIONAL}
+    if args.get("guard"):
+        guards = list(GUARD_SPECS)
+        if args["guard"] not in guards:
+            raise PlanError(f"guard {args['guard']!r} is unknown; choose one of: {', '.join(guards)}")
+        given["dataset"] = f"{SELF_GENERATED}-{args['guard']}"
+    return given
+
+
+def family_and_size(given: dict):
+    try:
+        family = get_family(given["model_type"])
+    except RegistryError as err:
+        raise PlanError(f"model_type: {err}") from None
+    size = given["size"] or family.default_size
+    if size not in family.sizes:
+        raise PlanError(f"size {size!r} is not a {family.name} size; choose one of: {', '.join(family.sizes)}")
+    return family, size
+
+
+def training_config(given: dict, family: str, size: str, use_kl: bool, prompt_masking: bool):
+    """The typed config `train` will parse (recipe and all), so the plan names the run as train does."""
+    from thinksafe.train.sft import parse_args as parse_sft, run_config
+
+    for name in ("rank", "epochs"):
+        if given[name]:
+            parse_positive_int(given[name], name)
+    argv = ["--model", family, "--size", size, "--dataset", given["dataset"], "--use_kl", str(use_kl),
+            "--completion_only_loss", str(prompt_masking), "--device", "cpu", "--report_to", "none"]
+    argv += [*(["--lora_r", str(given["rank"])] if given["rank"] else []),
+             *(["--num_train_epochs", str(given["epochs"])] if given["epochs"] else [])]
+    model_cfg, run, sft = parse_sft(argv)
+    return model_cfg, run, sft, run_config(model_cfg, run, sft)
 
 
 def record(family: str, model_cfg, run, sft) -> dict:

@@ -1,6 +1,6 @@
 """`thinksafe synthesize` options as a dataclass for TRL's parser.
 
-The defaults are SynthConfig's own (thinksafe/synthesize.py), read from its fields, and the sampling
+The defaults are SynthConfig's own (thinksafe/synthesize/config.py), read from its fields, and the sampling
 defaults are the family's (registry.Family.sampling): None here means "the family's value".
 """
 

@@ -22,8 +22,15 @@ from pathlib import Path
 
 from thinksafe.config import parse_training
 from thinksafe.config.train import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
-from thinksafe.errors import ThinksafeError
 from thinksafe.registry import FAMILIES, ModelSpec, grpo_run_name, paths_for_name, resolve_model
+from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and docs import them from grpo)
+    capped_completion_length,
+    load_prompts,
+    prompt_dataset,
+    template_kwargs,
+    trainer_prompt,
+)
+from thinksafe.train.grpo_launch import launch_plan, print_plan  # noqa: F401
 from thinksafe.train.common import (
     TrainConfigError,
     distributed_state,
@@ -36,11 +43,6 @@ from thinksafe.train.common import (
 
 logger = logging.getLogger(__name__)
 
-SERVER_GPUS = 2  # scripts/grpo.sh: one GPU for the policy server, one for the guard server
-MIN_SERVER_MODE_GPUS = SERVER_GPUS + 1
-# Llama-Guard-3's template (instructions + 14 categories) around the conversation, with room to spare.
-GUARD_TEMPLATE_TOKENS = 2048
-SERVER_HOST = "127.0.0.1"
 COST_FILE = "cost.json"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -103,78 +105,6 @@ def check_server_guard(guard: str, style: str | None = None) -> None:
 
     if spec_for(guard, style).kind is not LogprobGuard:
         raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")
-
-
-# --- prompts --------------------------------------------------------------------------------
-
-
-def trainer_prompt(instruction: str) -> list[dict]:
-    """A conversational prompt: TRL renders it with the chat template and tokenises the text without
-    adding special tokens, so the policy sees exactly the template's ids (one BOS), as in synthesis."""
-    return [{"role": "user", "content": instruction}]
-
-
-def template_kwargs(family) -> dict:
-    """What TRL passes to the chat template (GRPOConfig.chat_template_kwargs): thinking on, as in synthesis."""
-    return {"enable_thinking": family.reasoning}
-
-
-def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
-    """The `instruction` column (or `prompt`) of the dataset, as registry.resolve_dataset names it."""
-    from thinksafe.train.data import PROMPT_COLUMNS, DatasetError, dataset_source, read_records
-
-    dataset_spec, source = dataset_source(dataset, spec)
-    records = read_records(dataset_spec, source)
-    if not records:
-        raise DatasetError(f"dataset {dataset} is empty")
-    column = next((c for c in PROMPT_COLUMNS if c in records[0]), None)
-    if column is None:
-        raise DatasetError(f"dataset {dataset} has no {'/'.join(PROMPT_COLUMNS)} column; "
-                           f"it has: {', '.join(sorted(records[0]))}")
-    return [str(r[column]) for r in records if str(r[column] or "").strip()], dataset_spec
-
-
-def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length: int):
-    """datasets.Dataset with `prompt` (one user message) and `instruction`; prompts over the limit dropped."""
-    from datasets import Dataset
-
-    from thinksafe.chat import generation_prompt_ids
-
-    rows = {"prompt": [], "instruction": []}
-    dropped = 0
-    for instruction in instructions:
-        if len(generation_prompt_ids(tokenizer, instruction, family)) > max_prompt_length:
-            dropped += 1
-            continue
-        rows["prompt"].append(trainer_prompt(instruction))
-        rows["instruction"].append(instruction)
-    if not rows["prompt"]:
-        raise TrainConfigError(f"every prompt is longer than --max-prompt-length {max_prompt_length} tokens")
-    if dropped:
-        logger.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(instructions), max_prompt_length)
-    # Our own fingerprint: Dataset.from_dict hashes the table with dill, which fails on Python 3.12
-    # (the GPU image's) for pyarrow's MonthDayNano type, as in train/data.py.
-    import hashlib
-    import json
-
-    from datasets.table import InMemoryTable
-
-    key = hashlib.sha256(json.dumps(rows["instruction"]).encode()).hexdigest()[:16]
-    return Dataset(InMemoryTable.from_pydict(rows), fingerprint=f"thinksafe-grpo-{key}"), dropped
-
-
-def capped_completion_length(requested: int, max_prompt_length: int, server_max_model_len: int | None) -> int:
-    """Prompt + completion must fit the policy server's context (the paper's setup could overflow it)."""
-    if server_max_model_len is None:
-        return requested
-    room = server_max_model_len - max_prompt_length
-    if room <= 0:
-        raise TrainConfigError(f"the policy server's max_model_len {server_max_model_len} leaves no room after "
-                               f"--max-prompt-length {max_prompt_length}")
-    if room < requested:
-        logger.warning("max completion length capped at %d (server max_model_len %d - max prompt %d)",
-                       room, server_max_model_len, max_prompt_length)
-    return min(requested, room)
 
 
 # --- trainer --------------------------------------------------------------------------------
@@ -286,63 +216,6 @@ def write_cost(paths, cost: dict, report_to: list[str]) -> None:
     # the trainer's wandb run (if any) is finished: the cost goes to its own run in the grpo group
     log_metrics(paths.name, {f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float))},
                 report_to="auto" if "wandb" in report_to else "none", group="grpo")
-
-
-# --- launch plan for scripts/grpo.sh --------------------------------------------------------
-
-
-def parse_gpu_ids(value: str) -> list[str]:
-    from thinksafe.plan import parse_devices
-
-    return parse_devices(value, check_visible=True, name="GPU_IDS")
-
-
-def launch_plan(run: GRPORun, gpu_ids: str) -> dict:
-    """Everything scripts/grpo.sh needs, validated: mode, GPU split, ports, server settings."""
-    from thinksafe.config.parse import CONFIG_DIR
-    from thinksafe.guards import GUARDS
-    from thinksafe.serving import free_ports
-    from thinksafe.train.data import dataset_source
-
-    args, config, spec = run.args, run.config, run.spec
-    ids = parse_gpu_ids(gpu_ids)
-    dataset_source(args.dataset, spec)  # fails now, not after the servers started, when data is missing
-    paths = run.paths
-    plan = {"model": spec.source, "model_arg": run.model.model_name_or_path, "dataset": args.dataset,
-            "guard": args.guard, "run_name": paths.name, "log_dir": str(paths.logs), "adapter": str(paths.adapter)}
-    if len(ids) < MIN_SERVER_MODE_GPUS:
-        device = "cpu" if ids == ["cpu"] else "cuda"
-        where = "CPU" if device == "cpu" else f"GPU {ids[0]}"
-        unused = f" (GPU {ids[1]} unused)" if len(ids) == 2 else ""
-        plan.update(mode="single", device=device, visible_devices="" if device == "cpu" else ids[0], message=(
-            f"single-device mode on {where}{unused}: generation inside the trainer (or a colocated vLLM with "
-            f"--use_vllm --vllm_mode colocate), guard in-process; give at least {MIN_SERVER_MODE_GPUS} GPU ids "
-            "for the vLLM server mode"))
-        return plan
-    check_server_guard(args.guard, args.guard_style)
-    policy_port, guard_port, group_port = free_ports(3)
-    accelerate_config = CONFIG_DIR / "accelerate" / "multi_gpu.yaml"
-    max_len = config.max_prompt_length + config.max_completion_length
-    plan.update(
-        mode="server", policy_gpu=ids[0], guard_gpu=ids[1], train_gpus=",".join(ids[2:]),
-        num_train_processes=str(len(ids) - SERVER_GPUS), server_gpus=str(SERVER_GPUS),
-        guard_model=GUARDS.get(args.guard, args.guard),
-        policy_port=str(policy_port), guard_port=str(guard_port), group_port=str(group_port),
-        policy_url=f"http://{SERVER_HOST}:{policy_port}", guard_url=f"http://{SERVER_HOST}:{guard_port}",
-        policy_max_model_len=str(max_len), guard_max_model_len=str(max_len + GUARD_TEMPLATE_TOKENS),
-        accelerate_config=str(accelerate_config) if accelerate_config.exists() else "",
-        message=(f"server mode: policy server on GPU {ids[0]}, guard server on GPU {ids[1]}, "
-                 f"training on GPU(s) {','.join(ids[2:])}"),
-    )
-    return plan
-
-
-def print_plan(run: GRPORun) -> int:
-    for key, value in launch_plan(run, run.args.plan).items():
-        if "\t" in value or "\n" in value:
-            raise ThinksafeError(f"{key} contains a tab or newline: {value!r}")
-        print(f"{key}\t{value}")
-    return 0
 
 
 __all__ = ["GRPORun", "capped_completion_length", "launch_plan", "main", "parse_args", "prompt_dataset",
