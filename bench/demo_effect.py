@@ -3,8 +3,10 @@
 For each seed, in its own output directory, runs exactly what a user runs —
 `./scripts/train_and_eval.sh cpu demo` and then the same with use_kl=true (reusing the synthesized
 data) — with the demo recipe's seeds set to that seed (synthesis sampling, training, evaluation
-sampling). Then prints per-seed numbers and mean ± spread (min..max) of:
-refusal on held-out harmful prompts, over-refusal on XSTest safe prompts.
+sampling). Then prints per-seed numbers and mean ± spread (min..max) of: refusal on held-out
+harmful prompts (AdvBench, the source of the demo's training prompts), refusal on the HarmBench and
+StrongREJECT subsets (other sources; the refusal-phrase judge, as on the held-out prompts), and
+over-refusal on XSTest safe prompts.
 
     python bench/demo_effect.py --seeds 1 2 3 --out bench/results/demo_effect   (~19 min per seed here)
 """
@@ -28,7 +30,16 @@ sys.path.insert(0, str(ROOT))
 
 from thinksafe.plan import resolve_plan  # noqa: E402
 
-METRICS = {"heldout_harmful": "refusal on held-out harmful ↑", "xstest": "XSTest safe over-refusal ↓"}
+# (task, metric in its metrics.json: the primary one or a secondary) -> column
+METRICS = {("heldout_harmful", "refusal_rate"): "refusal on held-out harmful (AdvBench) ↑",
+           ("harmbench", "refusal_rate_phrase"): "refusal on HarmBench ↑",
+           ("strongreject", "refusal_rate_phrase"): "refusal on StrongREJECT ↑",
+           ("xstest", "over_refusal_rate"): "XSTest safe over-refusal ↓"}
+
+
+def read_metric(metrics: dict, metric: str) -> dict:
+    found = metrics if metrics["metric"] == metric else metrics["secondary"][metric]
+    return {"value": found["value"], "n": found["n"], "ci95": found.get("ci95")}
 
 
 def seeded_recipe(seed: int) -> dict:
@@ -64,24 +75,24 @@ def run_seed(seed: int, out: Path) -> dict:
     }
     result = {"seed": seed, "wall_s": timings}
     for run, results in runs.items():
-        for task in METRICS:
+        for task, metric in METRICS:
             metrics = json.loads((Path(results) / task / "metrics.json").read_text())
-            result[f"{run}/{task}"] = {"value": metrics["value"], "n": metrics["n"], "ci95": metrics.get("ci95")}
+            result[f"{run}/{task}/{metric}"] = read_metric(metrics, metric)
     return result
 
 
 def summarize(results: list[dict]) -> str:
-    lines = ["| run | " + " | ".join(METRICS.values()) + " |", "| --- | --- | --- |"]
+    lines = ["| run | " + " | ".join(METRICS.values()) + " |", "| --- " * (len(METRICS) + 1) + "|"]
     for run in ("base", "thinksafe", "thinksafe+kl"):
         cells = []
-        for task in METRICS:
-            values = [100 * r[f"{run}/{task}"]["value"] for r in results]
+        for task, metric in METRICS:
+            values = [100 * r[f"{run}/{task}/{metric}"]["value"] for r in results]
             spread = f"{min(values):.0f}..{max(values):.0f}"
             cells.append(f"{statistics.mean(values):.1f} ({spread}; " + ", ".join(f"{v:.0f}" for v in values) + ")")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    n = results[0]["base/heldout_harmful"]["n"], results[0]["base/xstest"]["n"]
+    n = " / ".join(f"{results[0][f'base/{task}/{metric}']['n']} {task}" for task, metric in METRICS)
     lines.append(f"\nmean over seeds {[r['seed'] for r in results]} (min..max; per seed), "
-                 f"n = {n[0]} held-out / {n[1]} XSTest samples per run and seed; wall s per seed: "
+                 f"n = {n} samples per run and seed; wall s per seed: "
                  + ", ".join(str(r["wall_s"]) for r in results))
     return "\n".join(lines)
 

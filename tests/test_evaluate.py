@@ -20,7 +20,7 @@ from thinksafe.evaluate import skythought
 from thinksafe.evaluate.jobs import Job
 from thinksafe.evaluate.metrics import mean_pass_at_1, wilson_interval
 from thinksafe.evaluate.models import resolve_eval_model
-from thinksafe.evaluate.reasoning import check_answer, check_choice, check_math, extract_choice, last_boxed
+from thinksafe.evaluate.reasoning import answers_equal, check_answer, extract_answer, extract_choice, normalize_answer
 from thinksafe.evaluate.safety import harmful_rate, refusal_rate, safety_metrics, xstest_rates
 from thinksafe.evaluate.score import reasoning_metrics, score_reasoning
 from thinksafe.evaluate.tasks import EvalItem, expand_tasks, get_task, list_tasks, load_items, select_evenly
@@ -33,70 +33,120 @@ QWEN, R1, DEMO = FAMILIES["qwen"], FAMILIES["r1-distill"], FAMILIES["demo"]
 SKY_FIXTURE = Path(__file__).parent / "data" / "skythought"
 
 
-# --- extraction and verification ------------------------------------------------------------
+# --- extraction and verification: SkyThought's rules ---------------------------------------
+
+SKYTHOUGHT_CASES = Path(__file__).parent / "data" / "skythought_rules" / "cases.jsonl"
+# Where our scorer and SkyThought 0.1.0 differ on purpose (docs/paper.md): latex2sympy2_extended
+# reads LaTeX's thousands separator, latex2sympy2 (SkyThought's parser) does not.
+SKYTHOUGHT_DEPARTURES = {("\\boxed{1{,}000}", "1000"), ("\\boxed{1000}", "1{,}000")}
+
+
+def test_the_builtin_scorer_agrees_with_skythought_on_its_recorded_verdicts():
+    """cases.jsonl holds SkyThought's own answer and verdict per response (tests/data/skythought_rules/
+    generate.py ran its released scorer): every verdict and every extracted answer must match."""
+    cases = read_jsonl(SKYTHOUGHT_CASES)
+    assert Counter(c["format"] for c in cases) == {"math": 418, "number": 450, "choice": 32}
+    departures = []
+    for case in cases:
+        check = check_answer(case["format"], case["response"], case["gold"])
+        theirs = case["skythought"]
+        if any(case["response"].endswith(r) and case["gold"] == g for r, g in SKYTHOUGHT_DEPARTURES):
+            departures.append(check.correct != theirs["correct"])
+            continue
+        assert check.correct == theirs["correct"], case
+        if case["format"] != "choice" or check.extracted:  # with no letter SkyThought keeps the whole text
+            assert (check.extracted or "") == theirs["extracted"].replace("[invalid]", ""), case
+    assert departures == [True, True]
+
+
+THINK = "<think>\nOkay, so Janet's ducks lay 16 eggs per day. She eats 3 and bakes 4, so 16 - 3 - 4 = 9.\n</think>\n\n"
+
+
+@pytest.mark.parametrize("task, response, gold, correct, rule", [
+    # GSM8K answers the way its prompt asks, with no box (the boxed-only scorer found no answer)
+    ("gsm8k", THINK + "She sells 9 eggs at $2 each.\n\nThe final answer is 18.", "18", True, "final answer is"),
+    ("gsm8k", THINK + "The final answer is $18.", "18", True, "final answer is"),
+    ("gsm8k", THINK + "The final answer is **18**.", "18", True, "final answer is"),
+    # SkyThought reads "1,080" as the integer list 1, 80 (sorted), so a thousands separator scores wrong
+    ("gsm8k", THINK + "The final answer is 1,080.", "1080", False, "final answer is"),
+    ("gsm8k", THINK + "The final answer is 1080.", "1080", True, "final answer is"),
+    ("gsm8k", THINK + "The final answer is 18.50", "18.5", False, "final answer is"),  # compared as strings
+    # no box and no "answer is": the last number of the whole response
+    ("gsm8k", THINK + "So she makes 18 dollars every day at the market", "18", True, "last number"),
+    # a response cut inside its think block is still read (SkyThought never looks for </think>)
+    ("gsm8k", "<think>\nOkay, 16 - 3 - 4 = 9 eggs, and 9 * 2 = 18 dollars, so the total is 18 but let me",
+     "18", True, "last number"),
+    ("math500", "<think>\nWe need r = sqrt(0^2 + 3^2) = 3, theta = pi/2, so \\boxed{(3, \\frac{\\pi}{2})} and",
+     "\\left( 3, \\frac{\\pi}{2} \\right)", True, "boxed"),
+    # the last box of the whole text, even inside the reasoning when the answer has none
+    ("math500", "<think>\nso x = \\boxed{\\frac{3}{4}}\n</think>\n\nTherefore x is three quarters.",
+     "\\frac34", True, "boxed"),
+    ("math500", THINK + "The answer is 3/4.", "\\frac{3}{4}", True, "answer is"),
+    # equality by SkyThought's rules, where math-verify says otherwise
+    ("math500", THINK + "The probability is $\\boxed{0.25}$.", "25", True, "boxed"),  # percentage forms
+    ("math500", THINK + "The interval is $\\boxed{[1, 2]}$.", "(1,2)", True, "boxed"),  # brackets dropped
+    ("math500", THINK + "The area is $\\boxed{18 \\text{ cm}^2}$.", "18", True, "boxed"),  # a unit
+    ("math500", THINK + "$\\boxed{\\text{five}}$", "5", True, "boxed"),  # a number word
+    ("math500", THINK + "The roots are $\\boxed{3, -1}$.", "-1, 3", True, "boxed"),  # integers in any order
+    ("aime24", THINK + "\\boxed{204}", "204", True, "boxed"),
+    ("aime24", THINK + "\\boxed{205}", "204", False, "boxed"),
+    # GPQA: the last stand-alone letter of the upper-cased whole response
+    ("gpqa_diamond", THINK + "\\boxed{C}", "C", True, "last letter"),
+    ("gpqa_diamond", "<think>\nThe ester hydrolyses, so the product must be option b, since", "B", True, "last letter"),
+    ("gpqa_diamond", THINK + "\\boxed{C} is a safe choice.", "C", False, "last letter"),  # "a" reads as A
+])
+def test_each_skythought_rule_on_real_format_responses(task, response, gold, correct, rule):
+    check = check_answer(get_task(task).answer_format, response, gold)
+    assert (check.correct, check.rule) == (correct, rule)
 
 
 @pytest.mark.parametrize("text, expected", [
     (r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    (r"first \boxed{3}, finally \boxed{\left( 3, \frac{\pi}{2} \right)}.", r"\left( 3, \frac{\pi}{2} \right)"),
+    (r"first \boxed{3}, finally \boxed{\left( 3, \frac{\pi}{2} \right)}.", r"(3,\frac{\pi}{2})"),
     (r"\boxed{x^{2}+\sqrt{y_{1}}}", r"x^{2}+\sqrt{y_{1}}"),
-    (r"\fbox{7}", "7"),
-    (r"\boxed {12}", "12"),
-    (r"\boxed{3} and then a broken \boxed{x^{2}+1", "3"),  # the unclosed one is skipped
-    (r"\boxed{x^{2}+1", None),
-    ("no box at all: 42", None),
+    (r"\boxed 12$ dollars", "12"),
+    (r"\boxed{3} and then a broken \boxed{x^{2}+1", "x^{2}+1"),  # an unclosed box runs to the end
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", r"\frac{1}{2}"),
+    ("no box at all: 42, or 43", "43"),
+    ("nothing to read", ""),
 ])
-def test_last_boxed(text, expected):
-    assert last_boxed(text) == expected
+def test_extract_answer(text, expected):
+    assert extract_answer(text)[0] == expected
 
 
-QWEN3_OK = "<think>\nJanet has 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. Maybe \\boxed{20}? No.\n</think>\n\nShe makes $\\boxed{18}$ dollars."
-
-
-@pytest.mark.parametrize("family, response, gold, correct, reason", [
-    (QWEN, QWEN3_OK, "18", True, "correct"),  # the box inside the reasoning is ignored
-    (QWEN, "<think>\nx\n</think>\n\n$\\boxed{\\dfrac{3}{4}}$", "\\frac{3}{4}", True, "correct"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{0.75}", "\\frac{3}{4}", True, "correct"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{1{,}000}", "1000", True, "correct"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True, "correct"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{p-q}", "p - q", True, "correct"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{(3, 0)}", "\\left( 3, \\frac{\\pi}{2} \\right)", False, "wrong answer"),
-    (QWEN, "<think>\nthe answer is \\boxed{18} but I keep thinking", "18", False, "unfinished reasoning"),
-    (QWEN, "<think>\nx\n</think>\n\nThe answer is 18.", "18", False, "no boxed answer"),
-    (QWEN, "<think>\nx\n</think>\n\n\\boxed{18", "18", False, "no boxed answer"),
-    (R1, "Let me compute... \\boxed{5} wait.\n</think>\n\nSo \\boxed{6}.", "6", True, "correct"),
-    # generators put back the <think> a template opened, so a cut R1 response starts with it
-    (R1, "<think>\nLet me compute... \\boxed{6} and on and on", "6", False, "unfinished reasoning"),
-    (DEMO, "The answer is \\boxed{18}.", "18", True, "correct"),
+@pytest.mark.parametrize("raw, normalised", [
+    (r"\dfrac{3}{4}", r"\frac{3}{4}"), ("3/4", r"\frac{3}{4}"), (r"\frac34", r"\frac{3}{4}"),
+    (r"90^\circ", "90"), (r"\$18.00", "18"), (r"10\%", "10"), ("x = 5", "5"), (r"5 \text{ inches}", "5"),
+    ("twenty one", "21"), (r"\text{twenty one}", "twentyone"), ("3, 1, 2", "1,2,3"), (".5", "0.5"),
+    (r"\left( 1, 2 \right)", "(1,2)"),
 ])
-def test_check_math(family, response, gold, correct, reason):
-    check = check_math(response, gold, family)
-    assert (check.correct, check.reason) == (correct, reason)
+def test_normalize_answer(raw, normalised):
+    assert normalize_answer(raw) == normalised
 
 
-@pytest.mark.parametrize("answer, letter", [
-    (r"The answer is \boxed{B}.", "B"),
-    (r"\boxed{\text{(C)}}", "C"),
-    (r"\boxed{(D)}", "D"),
-    ("The answer is (B).", "B"),
-    ("Answer: C", "C"),
-    ("A looks wrong. Final answer: **D**", "D"),
-    (r"\boxed{E}", None),  # not an option
-    (r"\boxed{42}", None),
-    ("The answer is a trick question.", None),  # lower-case 'a' is a word, not a choice
-    ("I cannot decide.", None),
+@pytest.mark.parametrize("predicted, gold, equal", [
+    ("0.5", r"\frac{1}{2}", True), (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True), ("x^2-1", "(x-1)(x+1)", True),
+    ("y=2x+1", "2x-y+1=0", True), ("(1,2]", "[1,2)", True), ("3", "4", False), ("500", "5", True),
+    (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{pmatrix}1&2\\3&5\end{pmatrix}", False),
 ])
-def test_extract_choice(answer, letter):
-    assert extract_choice(answer) == letter
+def test_answers_equal(predicted, gold, equal):
+    assert answers_equal(predicted, gold) is equal
 
 
-def test_check_choice_reads_only_the_final_answer():
-    response = "<think>\nMaybe \\boxed{A}... no, it is C.\n</think>\n\n\\boxed{C}"
-    assert check_choice(response, "C", QWEN).correct
-    assert not check_choice(response, "A", QWEN).correct
-    assert check_answer("choice", "<think>\nunfinished", "C", QWEN).reason == "unfinished reasoning"
+def test_extract_choice_and_errors():
+    assert extract_choice("The answer is (B).") == "B"
+    assert extract_choice("I cannot decide: 42") is None
+    assert check_answer("choice", "<think>\nunfinished", "C").reason == "no choice letter"
     with pytest.raises(ValueError, match="choose one of"):
-        check_answer("essay", "x", "y", QWEN)
+        check_answer("essay", "x", "y")
+
+
+def test_gsm8k_prompt_is_skythoughts():
+    item = load_items(get_task("gsm8k"), data="bundled", limit=1)[0][0]
+    assert item.prompt == (
+        "Given the following problem, reason and give a final answer to the problem.\nProblem: "
+        + item.question + "\nYour response should end with \"The final answer is [answer]\" where [answer] is "
+        "the response to the problem.")
 
 
 def test_gpqa_prompt_shuffles_options_reproducibly_and_tracks_the_gold_letter():
@@ -108,8 +158,10 @@ def test_gpqa_prompt_shuffles_options_reproducibly_and_tracks_the_gold_letter():
     first = _make_item(task, row, 0, "test", seed=0)
     again = _make_item(task, row, 0, "test", seed=0)
     assert first == again
-    listing = dict(line.split(") ", 1) for line in first.question.splitlines()[1:])
-    assert listing[first.answer] == "lead"
+    question, options = first.question.split("\n")
+    assert question == "Which is heaviest?"
+    listing = dict(option.split(") ", 1) for option in options.split(", "))  # SkyThought's one-line layout
+    assert list(listing) == ["A", "B", "C", "D"] and listing[first.answer] == "lead"
     assert sorted(listing.values()) == ["air", "cork", "foam", "lead"]
     assert first.prompt.startswith("Return your final response within \\boxed{}")
 
@@ -133,7 +185,7 @@ def test_pass_at_1_is_averaged_over_samples_then_items():
 
 
 def test_score_reasoning_on_hand_made_generations():
-    task = get_task("gsm8k")
+    task = get_task("math500")
     items = [EvalItem("q1", "p1", "p1", answer="18"), EvalItem("q2", "p2", "p2", answer="\\frac{1}{2}")]
     job = Job(task, items, {}, Sampling(n=2), Path("unused"))
     rows = [
@@ -142,13 +194,14 @@ def test_score_reasoning_on_hand_made_generations():
         {"id": "q2", "sample": 0, "response": "<think>\nok\n</think>\n\n\\boxed{0.5}", "finished": True},
         {"id": "q2", "sample": 1, "response": "<think>\nstill thinking", "finished": False},
     ]
-    result = score_reasoning(job, rows, QWEN)
+    result = score_reasoning(job, rows)
     assert result["metric"] == "pass@1"
     assert result["value"] == pytest.approx((1 / 2 + 1 / 2) / 2)
     assert (result["k"], result["n"], result["n_items"]) == (2, 4, 2)
     assert result["ci95"] == pytest.approx(list(wilson_interval(2, 4)))
     assert [r["correct"] for r in rows] == [True, False, True, False]
-    assert rows[2]["extracted"] == "0.5" and rows[3]["reason"] == "unfinished reasoning"
+    assert rows[2]["extracted"] == "0.5" and rows[3]["reason"] == "no answer"
+    assert rows[0]["extracted_by"] == "boxed"
     assert result["secondary"]["unfinished"]["k"] == 1
 
 
@@ -308,6 +361,42 @@ def test_hub_rows_are_filtered_and_keyed_like_the_paper(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"question": "q", "answer": "so 3+4=7\n#### 1,007"}])
     items, _ = load_items(get_task("gsm8k"), "hub")
     assert items[0].answer == "1007"
+
+
+def write_paper_shaped_harmbench(path: Path, rows: int = 602, behaviours: int = 301) -> Path:
+    """A stand-in for the paper's dataset/eval/harmbench.json (not bundled: no licence found): its
+    layout, a JSON list of {prompt, objective}, two jailbreak wrappings per behaviour."""
+    data = [{"prompt": f"Wrapped request {i} for behaviour {i % behaviours}.", "objective": f"behaviour_{i % behaviours}"}
+            for i in range(rows)]
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def test_the_harmbench_set_is_named_by_where_its_rows_come_from(tmp_path, monkeypatch):
+    import datasets
+
+    task = get_task("harmbench")
+    paper = write_paper_shaped_harmbench(tmp_path / "harmbench.json")
+    items, choice = load_items(task, data_file=str(paper))
+    assert (choice.set, choice.total, len(items)) == ("paper", 602, 602)
+    assert items[0].prompt == "Wrapped request 0 for behaviour 0." and items[0].id == "harmbench-00000"
+    other = write_paper_shaped_harmbench(tmp_path / "mine.json", rows=602, behaviours=300)
+    assert load_items(task, data_file=str(other))[1].set == "file"  # the paper's size, not its behaviours
+    assert load_items(task, data="bundled")[1].set == "bundled-subset"
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"prompt": "plain behaviour"}])
+    assert load_items(task, "hub")[1].set == "standard"
+    assert load_items(get_task("strongreject"), "hub")[1].set == "hub"  # the paper's own set for StrongREJECT
+
+
+def test_metrics_say_which_harmbench_set_and_whether_it_compares(tiny_qwen3, output_root, tmp_path):
+    paper = write_paper_shaped_harmbench(tmp_path / "harmbench.json")
+    assert evaluate_tiny(tiny_qwen3, "tiny_paper_set", {"harmbench": paper}, ["--limit", "3"]) == 0
+    metrics = json.loads((output_root / "results" / "tiny_paper_set" / "harmbench" / "metrics.json").read_text())
+    assert (metrics["harmbench_set"], metrics["data_set"], metrics["paper_set"]) == ("paper", "paper", "paper")
+    assert metrics["data"]["set"] == "paper" and metrics["n_items"] == 3
+    assert metrics["paper_comparable"] == {"comparable": False, "departures": [
+        "harmbench on 3 of 602 rows", "harmbench judged by refusal-judge (the paper's: llama-guard-3)",
+        "harmbench cut at 6 new tokens (the paper's: 16384)"]}
 
 
 def test_limit_spreads_over_the_file():
@@ -485,7 +574,7 @@ def test_skythought_results_parse_into_our_metrics():
     assert metrics["value"] == pytest.approx(parsed.summary["accuracy"])  # SkyThought's own accuracy
     # and our verifier agrees with SkyThought's checker on these responses
     gold = {"0": "\\left( 3, \\frac{\\pi}{2} \\right)", "1": "p - q"}
-    assert [check_math(r["response"], gold[r["id"]], QWEN).correct for r in parsed.rows] == [
+    assert [check_answer("math", r["response"], gold[r["id"]]).correct for r in parsed.rows] == [
         r["correct"] for r in parsed.rows]
 
 
@@ -588,6 +677,8 @@ def test_evaluate_writes_registry_results(tiny_qwen3, output_root, tmp_path, mon
         assert metrics["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 6,
                                        "n": 2, "seed": 42}
         assert metrics["data"]["source"] == "file" and metrics["wall_time_s"] >= 0
+        assert metrics["data_set"] == "file" and ("harmbench_set" in metrics) == (task == "harmbench")
+        assert ("paper_comparable" in metrics) == get_task(task).paper
         # an untouched model dir, named by --run-name: what the report reads instead of directory names
         assert (metrics["run_name"], metrics["family"], metrics["is_base"]) == ("tiny_base", "qwen", True)
         assert not (task_dir / gen.PARTIAL).exists()
@@ -599,6 +690,24 @@ def test_evaluate_writes_registry_results(tiny_qwen3, output_root, tmp_path, mon
     # a second run finds every task done and generates nothing
     monkeypatch.setattr(ev, "make_policy_generator", lambda *a: pytest.fail("regenerated a finished task"))
     assert evaluate_tiny(tiny_qwen3, "tiny_base", data) == 0
+
+
+def test_a_reasoning_result_scored_by_older_rules_is_recomputed(tiny_qwen3, output_root, tmp_path, capsys):
+    """A gsm8k result from before SkyThought's prompt and rules (its settings lack them) is not reused."""
+    data = {"gsm8k": write_fixture_data(tmp_path / "data")["gsm8k"]}
+    assert evaluate_tiny(tiny_qwen3, "rules", data) == 0
+    metrics_file = output_root / "results" / "rules" / "gsm8k" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["settings"]["scorer"] == "skythought-0.1.0-rules"
+    assert metrics["settings"]["prompt_template"].startswith("Given the following problem")
+    for key in ("scorer", "prompt_template"):  # what an older thinksafe recorded
+        del metrics["settings"][key]
+    metrics_file.write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert evaluate_tiny(tiny_qwen3, "rules", data) == 0
+    printed = capsys.readouterr().out
+    assert "has other settings" in printed and "scorer None -> 'skythought-0.1.0-rules'" in printed
+    assert json.loads(metrics_file.read_text())["settings"]["scorer"] == "skythought-0.1.0-rules"
 
 
 def test_half_finished_task_resumes_through_the_cli(tiny_qwen3, output_root, tmp_path, monkeypatch):
@@ -676,12 +785,36 @@ def test_bad_inputs_are_one_line_errors(output_root, tmp_path, capsys):
     assert "TASK=PATH" in capsys.readouterr().err
 
 
+def test_the_demo_is_also_evaluated_on_harmful_prompts_from_other_sources(monkeypatch):
+    """Its training and held-out harmful prompts are both AdvBench: HarmBench's and StrongREJECT's
+    bundled prompts show whether the refusals carry beyond that source, judged the same way."""
+    from argparse import Namespace
+
+    from thinksafe.evaluate.jobs import judge_for
+    from thinksafe.pipeline import evaluation_tasks
+
+    monkeypatch.delenv("THINKSAFE_RECIPE", raising=False)
+    tasks = evaluation_tasks("demo")
+    assert {"heldout_harmful", "harmbench", "strongreject"} <= set(tasks)
+    no_flags = Namespace(guard=None, refusal_guard=None)
+    assert {judge_for(get_task(t), DEMO, no_flags) for t in tasks} == {"refusal-judge"}
+    for task in ("harmbench", "strongreject"):  # bundled: the demo reads no hub data
+        assert get_task(task).bundled and DEMO.eval_data == "bundled"
+
+
 @pytest.mark.demo
 def test_demo_model_on_bundled_subsets(output_root):
-    assert ev.main(["--model", "demo", "--tasks", "xstest,heldout_harmful", "--limit", "2",
+    assert ev.main(["--model", "demo", "--tasks", "xstest,heldout_harmful,harmbench,strongreject", "--limit", "2",
                     "--max-new-tokens", "16"]) == 0
     results = output_root / "results" / "smollm2-135M_base"
-    for task in ("xstest", "heldout_harmful"):
+    for task in ("xstest", "heldout_harmful", "harmbench", "strongreject"):
         metrics = json.loads((results / task / "metrics.json").read_text())
         assert metrics["data"]["source"] == "bundled" and metrics["judge"]["name"] == "refusal-judge"
+        assert metrics["data_set"] == "bundled-subset"
         assert metrics["sampling"]["temperature"] == 0.7 and math.isfinite(metrics["value"])
+    # the report's refusal columns: for a model without a think block the phrase judge reads what the
+    # refusal judge read, so refusal on a harmful-rate set is exactly one minus its harmful rate
+    for task in ("harmbench", "strongreject"):
+        metrics = json.loads((results / task / "metrics.json").read_text())
+        assert metrics["harmbench_set" if task == "harmbench" else "data_set"] == "bundled-subset"
+        assert metrics["secondary"]["refusal_rate_phrase"]["value"] == pytest.approx(1 - metrics["value"])

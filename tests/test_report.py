@@ -11,6 +11,7 @@ import pytest
 from test_evaluate import evaluate_tiny, write_fixture_data, write_run_record
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.evaluate.tasks import get_task
 from thinksafe.report import Value, collect_runs, main, mean_of, plot_panels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,8 +35,16 @@ def two_runs(tiny_qwen3, tmp_path_factory) -> Path:
     return root / "outputs" / "results"
 
 
-def markdown_cells(text: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+def markdown_cells(text: str, title: str | None = None) -> dict[str, dict[str, str]]:
+    """{run: {column: cell}} of the main table, or of the table under the section `title`."""
+    if title is not None:
+        text = text.split(title, 1)[1]
+    lines = []
+    for line in text.strip().splitlines():
+        if lines and not line.startswith("|"):
+            break
+        if line.startswith("|"):
+            lines.append(line)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     table = {}
     for line in lines[2:]:
@@ -58,7 +67,11 @@ def test_report_table_equals_the_metrics_files(two_runs, capsys):
         for metrics_file in sorted((two_runs / run).glob("*/metrics.json")):
             m = json.loads(metrics_file.read_text())
             column = next(c for c in table[run] if c.startswith(f"{m['task']} {m['metric']}"))
-            value, low, high, n = CELL.match(table[run][column]).groups()
+            cell = table[run][column]
+            if m["task"] == "harmbench":  # its cells name the set (here a --data-file: "file")
+                assert cell.endswith(" (file set)") and m["harmbench_set"] == "file"
+                cell = cell.removesuffix(" (file set)")
+            value, low, high, n = CELL.match(cell).groups()
             assert float(value) == pytest.approx(round(100 * m["value"], 1))
             assert (float(low), float(high)) == pytest.approx((round(100 * m["ci95"][0], 1), round(100 * m["ci95"][1], 1)))
             assert int(n) == m["n"]
@@ -91,12 +104,21 @@ def test_report_plot_is_a_valid_png_with_both_panels(two_runs):
 
 
 def write_metrics(root: Path, run: str, task: str, metric: str, value: float, is_base: bool = False,
-                  directory: str | None = None) -> None:
+                  directory: str | None = None, **fields) -> None:
+    """A metrics.json as evaluate writes it; by default on the paper's data set, all rows, the task's
+    judge and token budget (what makes a number comparable with the paper's table). `fields` override."""
+    from thinksafe.evaluate.tasks import list_tasks, paper_set_name
+
+    spec = get_task(task) if task in list_tasks() else None
+    paper_set = paper_set_name(spec) if spec else "hub"
     d = root / (directory or run) / task
     d.mkdir(parents=True)
     d.joinpath("metrics.json").write_text(json.dumps(
         {"task": task, "run_name": run, "is_base": is_base, "metric": metric, "value": value, "k": round(30 * value),
-         "n": 30, "ci95": [0.0, 1.0], "secondary": {}, "higher_is_better": metric in ("pass@1", "refusal_rate")}))
+         "n": 30, "ci95": [0.0, 1.0], "secondary": {}, "higher_is_better": metric in ("pass@1", "refusal_rate"),
+         "data": {"source": "hub", "set": paper_set, "rows_total": 30, "rows_used": 30},
+         "judge": {"name": spec.judge} if spec and spec.judge else None,
+         "sampling": {"max_new_tokens": spec.max_new_tokens if spec else 16384}, **fields}))
 
 
 def test_demo_style_runs_plot_refusal_only(tmp_path):
@@ -187,4 +209,80 @@ def test_a_mean_over_a_task_the_paper_did_not_have_is_marked_too(tmp_path):
     table = markdown_cells(main_markdown(tmp_path))
     assert table["run"]["safety: mean harmful ↓"].startswith("35.0")  # (3 x 20 + 80) / 4: averaged, and marked
     assert table["run"]["safety: mean harmful ↓"].endswith("(with my_new_redteam_set, not in the paper)")
-    assert "neither is the paper's mean" in (tmp_path / "summary.md").read_text()
+    assert "none of them is the paper's mean" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_safety_mean_on_another_harmbench_set_is_marked_not_comparable(tmp_path):
+    """Only the paper's 602-prompt HarmBench set gives the paper's safety mean; the standard hub set,
+    part of the paper's set (--limit) or a file of unknown origin do not, and the report says which."""
+    harmbench = {"paper_set": {"data": {"source": "file", "set": "paper", "rows_total": 602, "rows_used": 602}},
+                 "standard_set": {"data": {"source": "hub", "set": "standard", "rows_total": 200, "rows_used": 200}},
+                 "limited": {"data": {"source": "file", "set": "paper", "rows_total": 602, "rows_used": 20}},
+                 "old_file": {"data": {}}}  # written before sets were recorded
+    for run, fields in harmbench.items():
+        write_metrics(tmp_path, run, "harmbench", "harmful_rate", 0.3, **fields)
+        for task in ("strongreject", "wildjailbreak"):
+            write_metrics(tmp_path, run, task, "harmful_rate", 0.2)
+    markdown = main_markdown(tmp_path)
+    table = markdown_cells(markdown)
+    safety = "safety: mean harmful ↓"
+    assert CELL.match(table["paper_set"][safety])  # unmarked: the paper's protocol
+    assert table["paper_set"]["harmbench harmful_rate ↓"].endswith(" (paper set)")
+    assert table["standard_set"]["harmbench harmful_rate ↓"].endswith(" (standard set)")
+    for run in ("standard_set", "limited", "old_file"):
+        assert table[run][safety].endswith("(not comparable with the paper, see below)")
+    section = markdown.split("### Against the paper's table", 1)[1]
+    assert "- paper_set: safety: mean harmful: comparable" in section
+    assert "harmbench on the standard set (the paper's: paper)" in section
+    assert "harmbench on 20 of 602 rows" in section and "harmbench on an unrecorded data set" in section
+    assert "- harmbench set: paper (the paper's set): limited, paper_set; standard: standard_set" in markdown
+    rows = {row["run"]: row for row in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert rows["paper_set"]["safety: mean harmful/not_comparable"] == ""
+    assert rows["standard_set"]["safety: mean harmful/not_comparable"] == "harmbench on the standard set (the paper's: paper)"
+    labels = plot_panels(collect_runs(tmp_path))
+    assert labels == []  # no reasoning mean: no trade-off panel; the label rule is checked below
+    from thinksafe.report import _departure_label, mean_departures
+
+    assert _departure_label(mean_departures(collect_runs(tmp_path), "standard_set")) == " (not comparable)"
+
+
+def test_other_judges_and_budgets_are_not_the_papers_either(tmp_path):
+    """The CPU demo's numbers: the refusal judge for Llama-Guard-3, 48 new tokens, bundled subsets."""
+    for task in PAPER_SAFETY:
+        write_metrics(tmp_path, "demo", task, "harmful_rate", 0.5, judge={"name": "refusal-judge"},
+                      sampling={"max_new_tokens": 48})
+    section = main_markdown(tmp_path).split("### Against the paper's table", 1)[1]
+    assert "strongreject judged by refusal-judge (the paper's: llama-guard-3)" in section
+    assert "wildjailbreak cut at 48 new tokens (the paper's: 16384)" in section
+
+
+def write_demo_run(root: Path, run: str, refusals: dict[str, float], over_refusal: float, is_base: bool) -> None:
+    """A demo run's safety metrics with the refusal-phrase judge's rate, as evaluate writes them."""
+    for task, refused in refusals.items():
+        kind_metric = ("refusal_rate", refused) if task == "heldout_harmful" else ("harmful_rate", 1 - refused)
+        phrase = {"value": refused, "k": round(100 * refused), "n": 100, "ci95": [refused - 0.1, refused + 0.1]}
+        write_metrics(root, run, task, *kind_metric, is_base=is_base, family="demo",
+                      secondary={"refusal_rate_phrase": phrase})
+    write_metrics(root, run, "xstest", "over_refusal_rate", over_refusal, is_base=is_base, family="demo")
+
+
+def test_refusal_in_and_out_of_the_training_distribution_side_by_side(tmp_path):
+    write_demo_run(tmp_path, "smollm2-135M_base", {"heldout_harmful": 0.04, "harmbench": 0.10, "strongreject": 0.20},
+                   0.04, is_base=True)
+    write_demo_run(tmp_path, "smollm2-135M_thinksafe", {"heldout_harmful": 0.61, "harmbench": 0.30,
+                                                        "strongreject": 0.40}, 0.25, is_base=False)
+    markdown = main_markdown(tmp_path)
+    table = markdown_cells(markdown, "### Refusal on harmful prompts by source")
+    trained = table["smollm2-135M_thinksafe"]
+    assert trained["held-out AdvBench (the demo's training source) ↑"].startswith("61.0 ")
+    assert trained["held-out AdvBench (the demo's training source) ↑"].endswith("(+57.0)")
+    assert trained["HarmBench ↑"].endswith("(+20.0)") and trained["StrongREJECT ↑"].endswith("(+20.0)")
+    assert trained["other sources: mean ↑"].startswith("35.0 ") and trained["other sources: mean ↑"].endswith("(+20.0)")
+    assert trained["XSTest safe over-refusal ↓"].endswith("(+21.0)")
+    base = table["smollm2-135M_base"]
+    assert base["HarmBench ↑"].startswith("10.0 ") and not base["HarmBench ↑"].endswith(")")  # no change for the base
+
+
+def test_no_refusal_by_source_section_without_both_kinds_of_sets(tmp_path):
+    write_demo_run(tmp_path, "only_heldout", {"heldout_harmful": 0.5}, 0.1, is_base=True)
+    assert "Refusal on harmful prompts by source" not in main_markdown(tmp_path)

@@ -7,9 +7,13 @@ columns each task's metric (in the task files' order) as a percentage with its 9
 and sample count. Two summary columns follow the paper's headline: mean harmful rate over the
 harmful-rate tasks (lower is better) and mean pass@1 over the reasoning tasks; a mean over other
 tasks than the paper's (one missing, or one the paper did not have) is marked with the tasks
-that differ, in the table, the CSV and the plot's legend. The plot shows safety against reasoning;
-for runs without reasoning tasks (the CPU demo) it shows refusal on held-out harmful prompts
-against over-refusal on XSTest's safe prompts.
+that differ, in the table, the CSV and the plot's legend, and so is a mean whose tasks ran on
+other data or settings than the paper's (HarmBench's standard set instead of the paper's 602
+prompts, --limit, another judge): the section "Against the paper's table" says why, run by run,
+and HarmBench's cells name their set. A section compares refusal on the held-out prompts of the
+demo's training source (AdvBench) with refusal on HarmBench's and StrongREJECT's prompts. The plot
+shows safety against reasoning; for runs without reasoning tasks (the CPU demo) it shows refusal on
+held-out harmful prompts against over-refusal on XSTest's safe prompts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.evaluate.tasks import all_tasks, report_order
+from thinksafe.evaluate.tasks import TaskSpec, all_tasks, data_set_name, paper_departures, report_order
 from thinksafe.io import atomic_write_text, read_json
 
 METRICS_FILE = "metrics.json"
@@ -144,24 +148,62 @@ def paper_tasks(metric: str) -> list[str]:
     return [task.name for task in all_tasks() if task.paper and task.metric == metric]
 
 
-def mean_departures(runs: dict, run: str) -> dict[str, tuple[list[str], list[str]]]:
-    """{summary column: (the paper's tasks the mean lacks, tasks it has the paper did not)} for each
-    mean that exists and differs from the paper's (issue 17, item 9: a partial mean is marked)."""
+def task_specs() -> dict[str, TaskSpec]:
+    return {task.name: task for task in all_tasks()}
+
+
+def data_set_of(m: dict, spec: TaskSpec | None) -> str | None:
+    """The set a metrics.json's number comes from (standard, paper, bundled-subset, hub, file); for a
+    file written before sets were recorded, named from its data source."""
+    data = m.get("data") or {}
+    if m.get("data_set") or data.get("set"):
+        return m.get("data_set") or data["set"]
+    if spec is None or not data.get("source"):
+        return None
+    return data_set_name(spec, data["source"])
+
+
+def comparability(m: dict, spec: TaskSpec) -> list[str]:
+    """Why a paper task's number does not compare with the paper's table (empty: it does), judged
+    from what its metrics.json records against the current task file."""
+    used = data_set_of(m, spec)
+    if used is None:
+        return [f"{spec.name} on an unrecorded data set"]
+    return paper_departures(spec, {**(m.get("data") or {}), "set": used}, (m.get("judge") or {}).get("name"),
+                            (m.get("sampling") or {}).get("max_new_tokens"))
+
+
+@dataclass(frozen=True)
+class MeanDeparture:
+    """How a run's summary mean differs from the paper's: tasks it lacks, tasks the paper did not
+    have, and why the tasks it has are not comparable (another set, a limit, another judge, ...)."""
+
+    missing: list[str]
+    extra: list[str]
+    not_comparable: list[str]
+
+    def note(self) -> str:
+        parts = ([f"partial, missing {', '.join(self.missing)}"] if self.missing else [])
+        parts += [f"with {', '.join(self.extra)}, not in the paper"] if self.extra else []
+        parts += ["not comparable with the paper, see below"] if self.not_comparable else []
+        return "; ".join(parts)
+
+
+def mean_departures(runs: dict, run: str) -> dict[str, MeanDeparture]:
+    """{summary column: its departure} for each mean that exists and is not the paper's (issue 17,
+    items 1 and 9: a partial mean, or one over another HarmBench set, is marked)."""
     values = summary_values(runs, run)
+    specs = task_specs()
     departures = {}
     for column, metric in MEANS.items():
         have = {task for task, m in runs[run].items() if m.get("metric") == metric and m.get("value") is not None}
         expected = paper_tasks(metric)
         missing, extra = [t for t in expected if t not in have], order_tasks(have - set(expected))
-        if values[column] is not None and (missing or extra):
-            departures[column] = (missing, extra)
+        reasons = [reason for task in order_tasks(have & set(expected)) for reason in
+                   comparability(runs[run][task], specs[task])]
+        if values[column] is not None and (missing or extra or reasons):
+            departures[column] = MeanDeparture(missing, extra, reasons)
     return departures
-
-
-def departure_note(missing: list[str], extra: list[str]) -> str:
-    parts = ([f"partial, missing {', '.join(missing)}"] if missing else [])
-    parts += [f"with {', '.join(extra)}, not in the paper"] if extra else []
-    return "; ".join(parts)
 
 
 # --- table ----------------------------------------------------------------------------------
@@ -185,51 +227,154 @@ PAPER_PAGE_PATH = Path(__file__).resolve().parent.parent / PAPER_PAGE
 def markdown_table(runs: dict) -> str:
     cols = columns(runs)
     names = order_runs(runs)
+    specs = task_specs()
     summaries = {run: summary_values(runs, run) for run in names}
     summary_cols = [c for c in MEANS if any(summaries[r][c] for r in names)]
     arrows = {True: "↑", False: "↓"}
     header = ["run"] + [f"{t} {metric} {arrows[up]}" for t, metric, up in cols]
     header += [f"{c} {arrows[c == REASONING_MEAN]}" for c in summary_cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    marked = False
+    departures = {run: mean_departures(runs, run) for run in names}
     for run in names:
-        departures = mean_departures(runs, run)
-        marked = marked or bool(departures)
         cells = [f"**{run}** (base)" if is_base(runs, run) else run]
-        cells += [(v.cell() if (v := primary(runs, run, t)) else "–") for t, _, _ in cols]
-        cells += [_mean_cell(summaries[run][c], departures.get(c)) for c in summary_cols]
+        cells += [_task_cell(runs[run].get(t), specs.get(t)) for t, _, _ in cols]
+        cells += [_mean_cell(summaries[run][c], departures[run].get(c)) for c in summary_cols]
         lines.append("| " + " | ".join(cells) + " |")
+    marked = any(departures.values())
     notes = ["", "Percentages with 95% Wilson intervals and the number of samples judged.",
              *([MARKED_MEANS_NOTE] if marked else []),
              f"Comparing with the paper's table: the command for each cell and the remaining departures "
              f"are in [{PAPER_PAGE}]({PAPER_PAGE_PATH.as_uri()}).",
-             *_provenance_notes(runs)]
-    return "\n".join(lines + notes) + "\n"
+             *_provenance_notes(runs, specs)]
+    sections = [_paper_comparison(runs, names, summary_cols, departures), _refusal_by_source(runs, names)]
+    return "\n".join(lines + notes) + "\n" + "".join(f"\n{section}" for section in sections if section)
 
 
 MARKED_MEANS_NOTE = ("A mean marked partial lacks some of the paper's tasks, one marked \"not in the paper\" "
-                     "averages a task the paper did not have (both named): neither is the paper's mean.")
+                     "averages a task the paper did not have (both named), one marked \"not comparable\" has "
+                     "the paper's tasks on other data or settings (listed below): none of them is the paper's mean.")
 
 
-def _mean_cell(value: Value | None, departure: tuple[list[str], list[str]] | None) -> str:
+def _task_cell(m: dict | None, spec: TaskSpec | None) -> str:
+    """A task's primary value; a task whose file names its sets (HarmBench) says which set it is."""
+    value = Value.from_metrics(m) if m else None
     if value is None:
         return "–"
-    return value.cell() + (f" ({departure_note(*departure)})" if departure else "")
+    named = spec is not None and spec.set_names and data_set_of(m, spec)
+    return value.cell() + (f" ({data_set_of(m, spec)} set)" if named else "")
 
 
-def _provenance_notes(runs: dict) -> list[str]:
+def _mean_cell(value: Value | None, departure: MeanDeparture | None) -> str:
+    if value is None:
+        return "–"
+    return value.cell() + (f" ({departure.note()})" if departure else "")
+
+
+def _paper_comparison(runs: dict, names: list[str], summary_cols: list[str],
+                      departures: dict[str, dict[str, MeanDeparture]]) -> str:
+    """Per run and summary mean: comparable with the paper's table, or why not."""
+    if not summary_cols:
+        return ""
+    lines = [f"### Against the paper's table ([{PAPER_PAGE}]({PAPER_PAGE_PATH.as_uri()}))", ""]
+    for run in names:
+        parts = []
+        for column in summary_cols:
+            if summary_values(runs, run)[column] is None:
+                continue
+            departure = departures[run].get(column)
+            if departure is None:
+                parts.append(f"{column}: comparable")
+                continue
+            why = ([f"missing {', '.join(departure.missing)}"] if departure.missing else [])
+            why += [f"with {', '.join(departure.extra)}"] if departure.extra else []
+            why += departure.not_comparable
+            parts.append(f"{column}: not comparable ({'; '.join(why)})")
+        if parts:
+            lines.append(f"- {run}: " + ". ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+PAPER_SET_MARK = " (the paper's set)"
+
+
+def _provenance_notes(runs: dict, specs: dict[str, TaskSpec]) -> list[str]:
     judges: dict[str, set[str]] = {}
     data: dict[str, set[str]] = {}
-    for tasks in runs.values():
+    sets: dict[str, dict[str, list[str]]] = {}  # task -> set name -> runs, for tasks whose file names sets
+    for run, tasks in runs.items():
         for task, m in tasks.items():
             if m.get("judge"):
                 judges.setdefault(task, set()).add(m["judge"].get("label") or m["judge"].get("name", "?"))
             if m.get("data"):
                 data.setdefault(task, set()).add(f"{m['data'].get('source')}: {m['data'].get('location')}")
+            spec = specs.get(task)
+            if spec is not None and spec.set_names:
+                sets.setdefault(task, {}).setdefault(data_set_of(m, spec) or "unrecorded", []).append(run)
     notes = [f"- judge {label}: {', '.join(order_tasks(t for t, j in judges.items() if label in j))}"
              for label in sorted({label for j in judges.values() for label in j})]
     notes += [f"- data of {t}: {'; '.join(sorted(d))}" for t, d in sorted(data.items())]
+    for task, by_set in sorted(sets.items()):
+        paper = specs[task].paper_set["name"] if specs[task].paper_set else None
+        described = "; ".join(f"{name}{PAPER_SET_MARK if name == paper else ''}: {', '.join(sorted(members))}"
+                              for name, members in sorted(by_set.items()))
+        notes.append(f"- {task} set: {described}")
     return notes
+
+
+# Refusal on harmful prompts from the demo's training source and from others (issue 17, item 11).
+# The demo trains on AdvBench prompts and its held-out set is more AdvBench: a gain there may not
+# carry to prompts written elsewhere, so HarmBench's and StrongREJECT's prompts are shown beside it.
+# All columns use one judge, the refusal-phrase judge on the final answer (every safety task records
+# it as refusal_rate_phrase), so they differ only in the prompts.
+IN_DISTRIBUTION = (("heldout_harmful", "held-out AdvBench (the demo's training source)"),)
+OUT_OF_DISTRIBUTION = (("harmbench", "HarmBench"), ("strongreject", "StrongREJECT"))
+PHRASE_REFUSAL = "refusal_rate_phrase"
+OOD_MEAN = "other sources: mean"
+
+
+def refusal_by_source(runs: dict, run: str) -> dict[str, Value | None]:
+    """{column: refusal rate} for the in- and out-of-distribution harmful-prompt sets and their mean."""
+    values = {task: metric_value(runs, run, task, PHRASE_REFUSAL) for task, _ in IN_DISTRIBUTION + OUT_OF_DISTRIBUTION}
+    values[OOD_MEAN] = mean_of([values[t] for t, _ in OUT_OF_DISTRIBUTION if values[t]])
+    return values
+
+
+def base_run_of(runs: dict, run: str) -> str | None:
+    """The base run of a run's family when exactly one was evaluated (the reference for changes)."""
+    family = next((m.get("family") for m in runs[run].values() if m.get("family")), None)
+    bases = [r for r in runs if is_base(runs, r) and family and
+             any(m.get("family") == family for m in runs[r].values())]
+    return bases[0] if len(bases) == 1 and bases[0] != run else None
+
+
+def _refusal_by_source(runs: dict, names: list[str]) -> str:
+    shown = [run for run in names if any(t in runs[run] for t, _ in IN_DISTRIBUTION)
+             and any(t in runs[run] for t, _ in OUT_OF_DISTRIBUTION)]
+    if not shown:
+        return ""
+    header = ["run", *(f"{label} ↑" for _, label in IN_DISTRIBUTION + OUT_OF_DISTRIBUTION), f"{OOD_MEAN} ↑",
+              "XSTest safe over-refusal ↓"]
+    lines = ["### Refusal on harmful prompts by source: the training distribution and others", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = [t for t, _ in IN_DISTRIBUTION + OUT_OF_DISTRIBUTION] + [OOD_MEAN]
+    for run in shown:
+        base = base_run_of(runs, run)
+        values = refusal_by_source(runs, run)
+        reference = refusal_by_source(runs, base) if base else {}
+        cells = [_with_change(values[k], reference.get(k)) for k in keys]
+        cells.append(_with_change(metric_value(runs, run, *OVERREFUSAL_TASK),
+                                  metric_value(runs, base, *OVERREFUSAL_TASK) if base else None))
+        lines.append("| " + " | ".join([f"**{run}** (base)" if is_base(runs, run) else run, *cells]) + " |")
+    lines += ["", ("Refusal by the refusal-phrase judge on the final answer in every column (the same judge, "
+                   "other prompts); in brackets the change from the base model of the same family, in points.")]
+    return "\n".join(lines) + "\n"
+
+
+def _with_change(value: Value | None, reference: Value | None) -> str:
+    if value is None:
+        return "–"
+    change = f" ({100 * (value.value - reference.value):+.1f})" if reference is not None else ""
+    return value.cell() + change
 
 
 def csv_text(runs: dict) -> str:
@@ -248,8 +393,11 @@ def csv_text(runs: dict) -> str:
     header = ["run", "is_base"]
     for task, name in metric_names:
         header += [f"{task}/{name}", f"{task}/{name}/ci_low", f"{task}/{name}/ci_high", f"{task}/{name}/n"]
-    for name in MEANS:  # /missing, /extra: the tasks that make a mean differ from the paper's (";"-joined)
-        header += [name, f"{name}/ci_low", f"{name}/ci_high", f"{name}/missing", f"{name}/extra"]
+    # /missing, /extra: the tasks that make a mean differ from the paper's; /not_comparable: why the
+    # tasks it has do not compare (another set, a limit, another judge); each ";"-joined
+    for name in MEANS:
+        header += [name, f"{name}/ci_low", f"{name}/ci_high", f"{name}/missing", f"{name}/extra",
+                   f"{name}/not_comparable"]
     writer.writerow(header)
     for run in order_runs(runs):
         row = [run, is_base(runs, run)]
@@ -259,9 +407,9 @@ def csv_text(runs: dict) -> str:
         summaries, departures = summary_values(runs, run), mean_departures(runs, run)
         for name in MEANS:
             v = summaries[name]
-            missing, extra = departures.get(name, ([], []))
+            departure = departures.get(name, MeanDeparture([], [], []))
             row += [v.value, v.low, v.high] if v else ["", "", ""]
-            row += [";".join(missing), ";".join(extra)]
+            row += [";".join(departure.missing), ";".join(departure.extra), ";".join(departure.not_comparable)]
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -281,7 +429,7 @@ def plot_panels(runs: dict) -> list[dict]:
     panels = []
     points = [(r, x, y) for r, x, y in tradeoff if x and y]
     if points:
-        partial = {r: " (partial means)" if mean_departures(runs, r) else "" for r, _, _ in points}
+        partial = {r: _departure_label(mean_departures(runs, r)) for r, _, _ in points}
         panels.append({"points": points, "xlabel": "reasoning: mean pass@1 (%) →",
                        "ylabel": "safety: mean harmful-response rate (%) ↓", "title": "Safety vs reasoning",
                        "labels": {r: r + base[r] + partial[r] for r, _, _ in points}})
@@ -291,6 +439,12 @@ def plot_panels(runs: dict) -> list[dict]:
                        "ylabel": "refusal on held-out harmful prompts (%) ↑",
                        "title": "Refusal vs over-refusal", "labels": {r: r + base[r] for r, _, _ in points}})
     return panels
+
+
+def _departure_label(departures: dict[str, MeanDeparture]) -> str:
+    labels = ["partial means"] if any(d.missing or d.extra for d in departures.values()) else []
+    labels += ["not comparable"] if any(d.not_comparable for d in departures.values()) else []
+    return f" ({', '.join(labels)})" if labels else ""
 
 
 def _errors(values: list) -> list[list[float]]:

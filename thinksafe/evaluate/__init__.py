@@ -1,4 +1,4 @@
-"""Evaluation: reasoning benchmarks (pass@1 with math-verify / choice letters, or a SkyThought
+"""Evaluation: reasoning benchmarks (pass@1 scored by SkyThought's rules, or a SkyThought
 hand-off) and safety benchmarks (guard verdicts -> harmful rate, over-refusal, refusal), one
 `metrics.json` per (run, task) under the registry's results directory.
 
@@ -10,7 +10,14 @@ with Wilson intervals), `skythought` (command + result parsing), and the `thinks
 """
 
 from thinksafe.evaluate.metrics import Rate, mean_pass_at_1, rate, wilson_interval
-from thinksafe.evaluate.reasoning import Check, check_answer, extract_choice, last_boxed, verify_math
+from thinksafe.evaluate.reasoning import (
+    Check,
+    answers_equal,
+    check_answer,
+    extract_answer,
+    extract_choice,
+    normalize_answer,
+)
 from thinksafe.evaluate.tasks import EvalItem, TaskSpec, expand_tasks, get_task, list_tasks, load_items
 
 __all__ = [
@@ -18,15 +25,16 @@ __all__ = [
     "EvalItem",
     "Rate",
     "TaskSpec",
+    "answers_equal",
     "check_answer",
     "expand_tasks",
+    "extract_answer",
     "extract_choice",
     "get_task",
-    "last_boxed",
     "list_tasks",
     "load_items",
     "mean_pass_at_1",
+    "normalize_answer",
     "rate",
-    "verify_math",
     "wilson_interval",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate import skythought
 from thinksafe.evaluate.models import EvalModel, EvaluateError, model_version
+from thinksafe.evaluate.reasoning import SCORER
 from thinksafe.evaluate.tasks import EvalItem, TaskSpec, expand_tasks, get_task, load_items
 from thinksafe.io import atomic_write_json, read_json
 from thinksafe.registry import REFUSAL_JUDGE, Family, Sampling, paths_for_name
@@ -82,10 +83,15 @@ def parse_data_files(values: list[str], tasks: list[str]) -> dict[str, str]:
 
 def result_settings(job: Job, model: EvalModel, data: str, data_file: str | None, args) -> dict:
     """Everything that decides a task's metrics; stored in metrics.json and compared on reruns."""
-    return {"model": model.source, "adapter": str(model.adapter) if model.adapter else None,
-            "model_version": model_version(model), "sampling": job.sampling.to_dict(), "limit": args.limit,
-            "data": data, "data_file": data_file, "judge": job.judge,
-            "reasoning_backend": "skythought" if job.via_skythought else "builtin"}
+    settings = {"model": model.source, "adapter": str(model.adapter) if model.adapter else None,
+                "model_version": model_version(model), "sampling": job.sampling.to_dict(), "limit": args.limit,
+                "data": data, "data_file": data_file, "judge": job.judge,
+                "reasoning_backend": "skythought" if job.via_skythought else "builtin"}
+    if job.task.is_reasoning and not job.via_skythought:
+        # The prompt and the scoring rules decide a built-in reasoning number too: a result from an
+        # older prompt (GSM8K's boxed one) or scorer (math-verify) is recomputed, never reused.
+        settings.update(prompt_template=job.task.template, scorer=SCORER)
+    return settings
 
 
 def validate_judges(jobs: list[Job]) -> None:
@@ -110,8 +116,8 @@ def plan_jobs(args, model: EvalModel, backend: str) -> list[Job]:
         job.settings = result_settings(job, model, data, data_files.get(name), args)
         if not job.via_skythought:  # SkyThought loads its own data
             job.items, choice = load_items(task, data, data_files.get(name), args.limit, seed=args.seed)
-            job.data = {"source": choice.source, "location": choice.location, "rows_total": choice.total,
-                        "rows_used": len(job.items), "limit": args.limit}
+            job.data = {"source": choice.source, "location": choice.location, "set": choice.set,
+                        "rows_total": choice.total, "rows_used": len(job.items), "limit": args.limit}
         jobs.append(job)
     validate_judges(jobs)
     return jobs

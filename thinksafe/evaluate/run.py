@@ -4,8 +4,8 @@
         --tasks gsm8k,xstest [--run-name NAME] [--backend auto|vllm|transformers] [--n N] [--limit N]
 
 For each task: load its rows (hub, bundled subset or --data-file) -> generate n samples per prompt
-(resumable: rows are appended to generations.partial.jsonl as they finish) -> score (math-verify /
-choice letter, or a guard's verdicts) -> results/<run>/<task>/{generations.jsonl, metrics.json}.
+(resumable: rows are appended to generations.partial.jsonl as they finish) -> score (SkyThought's answer
+rules, or a guard's verdicts) -> results/<run>/<task>/{generations.jsonl, metrics.json}.
 All tasks are generated first and judged afterwards, so the policy model and the guard never
 share the accelerator. Reasoning tasks go to SkyThought when it is installed and vLLM is used.
 
@@ -93,7 +93,7 @@ def score_all(jobs: list[Job], model: EvalModel, backend, args) -> list[dict]:
         job.rows = generated_rows(job)
         judge = None
         if job.task.is_reasoning:
-            result = score_reasoning(job, job.rows, model.family)
+            result = score_reasoning(job, job.rows)
         else:
             if job.judge not in guards:
                 guards[job.judge] = load_guard(job.judge, args, len(job.rows) * job.sampling.max_new_tokens)
@@ -108,7 +108,10 @@ def format_result(m: dict) -> str:
     value = "n/a" if m["value"] is None else f"{100 * m['value']:.1f}%"
     ci = m.get("ci95")
     interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
-    return f"{m['task']}: {m['metric']} = {value}{interval} (n={m['n']}, {m['wall_time_s']:.0f} s)"
+    comparable = m.get("paper_comparable")
+    note = "" if comparable is None or comparable["comparable"] else "; not comparable with the paper's table"
+    return (f"{m['task']}: {m['metric']} = {value}{interval} (n={m['n']}, {m['data_set']} set, "
+            f"{m['wall_time_s']:.0f} s{note})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from thinksafe.evaluate.metrics import mean_pass_at_1, rate
 from thinksafe.evaluate.models import EvalModel, EvaluateError, loadable_source
 from thinksafe.evaluate.reasoning import check_answer
 from thinksafe.evaluate.safety import judged_text, safety_metrics
+from thinksafe.evaluate.tasks import data_set_name, paper_departures, paper_set_name
 from thinksafe.io import atomic_write_json, atomic_write_jsonl, swap_in
 from thinksafe.registry import Family
 
@@ -27,12 +28,14 @@ logger = logging.getLogger(__name__)
 JUDGE_INPUTS = {"whole": "whole output (reasoning included)", "final": "final answer (after </think>)"}
 
 
-def score_reasoning(job: Job, rows: list[dict], family: Family) -> dict:
+def score_reasoning(job: Job, rows: list[dict]) -> dict:
     gold = {item.id: item.answer for item in job.items}
     correct_by_item: dict[str, list[bool]] = {}
     for row in rows:
-        check = check_answer(job.task.answer_format, row["response"], gold[row["id"]], family)
-        row.update(answer=gold[row["id"]], extracted=check.extracted, correct=check.correct, reason=check.reason)
+        # SkyThought's rules read the whole response, whatever the family's think format
+        check = check_answer(job.task.answer_format, row["response"], gold[row["id"]])
+        row.update(answer=gold[row["id"]], extracted=check.extracted, extracted_by=check.rule,
+                   correct=check.correct, reason=check.reason)
         correct_by_item.setdefault(row["id"], []).append(check.correct)
     return reasoning_metrics(rows, correct_by_item)
 
@@ -77,6 +80,21 @@ def load_guard(name: str, args, work_tokens: int):
     return load(name, device=args.device, backend=args.backend, work_tokens=work_tokens, **vllm_kwargs)
 
 
+def data_set_fields(job: Job, judge: dict | None) -> dict:
+    """Which set the number comes from, and for the paper's tasks whether it compares with the
+    paper's table (and why not). A task whose file names its sets (HarmBench) also gets
+    `<task>_set`, the key a reader of harmbench's metrics.json looks for."""
+    task = job.task
+    name = job.data.get("set") or data_set_name(task, job.data.get("source", ""))
+    fields = {"data_set": name, **({f"{task.name}_set": name} if task.set_names else {})}
+    if task.paper:
+        departures = paper_departures(task, {**job.data, "set": name}, (judge or {}).get("name"),
+                                      job.sampling.max_new_tokens)
+        fields["paper_set"] = paper_set_name(task)
+        fields["paper_comparable"] = {"comparable": not departures, "departures": departures}
+    return fields
+
+
 def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, backend) -> dict:
     metrics = {
         "task": job.task.name,
@@ -90,6 +108,7 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
         "sampling": job.sampling.to_dict(),
         "judge": judge,
         "data": job.data,
+        **data_set_fields(job, judge),
         **({"backend": "skythought"} if job.via_skythought else backend.to_dict()),
         "wall_time_s": round(job.seconds, 1),
         "resumed_rows": job.resumed_rows,
@@ -124,8 +143,8 @@ def run_skythought(job: Job, model: EvalModel, args) -> dict:
     parsed = skythought.parse_results(found)
     job.rows = parsed.rows
     job.seconds = time.time() - start
-    job.data = {"source": "skythought", "location": str(found), "rows_total": len(parsed.correct_by_item),
-                "rows_used": len(parsed.correct_by_item), "limit": None}
+    job.data = {"source": "skythought", "location": str(found), "set": data_set_name(job.task, "skythought"),
+                "rows_total": len(parsed.correct_by_item), "rows_used": len(parsed.correct_by_item), "limit": None}
     result = reasoning_metrics(parsed.rows, parsed.correct_by_item)
     result["skythought"] = {k: parsed.summary.get(k) for k in ("accuracy", "pass_at_k", "avg_completion_tokens")}
     return result

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
 
 KINDS = ("reasoning", "harmful", "overrefusal", "refusal")
-ANSWER_FORMATS = ("math", "choice")
+ANSWER_FORMATS = ("math", "number", "choice")  # thinksafe.evaluate.reasoning.CHECKERS
 JUDGE_INPUTS = ("whole", "final")  # whole output (reasoning included) or the final answer only
 DATA_SOURCES = ("auto", "hub", "bundled")
 PROMPT_PLACEHOLDER = "{prompt}"
@@ -71,6 +71,12 @@ class TaskSpec:
     group: str | None = None  # GROUPS; None: only asked for by name (or through `bundled`)
     order: int | None = None  # report column and run order; a file without one comes last
     paper: bool = False  # in the paper's headline table
+    # The name of each data set in metrics.json and the report, by source (hub, bundled, file), laid
+    # over DEFAULT_SET_NAMES; a task that declares names also writes `<task>_set` (harmbench_set).
+    set_names: dict = field(default_factory=dict)
+    # The set the paper evaluated on when it is not the hub's: {name, rows, distinct_key, distinct,
+    # origin}; a --data-file with that many rows and distinct values of distinct_key is named `name`.
+    paper_set: dict | None = None
     path: Path | None = None
 
     @property
@@ -195,7 +201,14 @@ def _parse_task(path: Path) -> TaskSpec:
         raise TaskError(f"{where}: answer_transform must be one of {', '.join(ANSWER_TRANSFORMS)}")
     if spec.prompt_builder and spec.prompt_builder not in PROMPT_BUILDERS:
         raise TaskError(f"{where}: prompt_builder must be one of {', '.join(PROMPT_BUILDERS)}")
+    if set(spec.set_names) - set(DEFAULT_SET_NAMES):
+        raise TaskError(f"{where}: set_names keys must be among {', '.join(DEFAULT_SET_NAMES)}")
+    if spec.paper_set is not None and set(spec.paper_set) != PAPER_SET_KEYS:
+        raise TaskError(f"{where}: paper_set needs exactly {', '.join(sorted(PAPER_SET_KEYS))}")
     return spec
+
+
+PAPER_SET_KEYS = {"name", "rows", "distinct_key", "distinct", "origin"}
 
 
 # --- loading rows ---------------------------------------------------------------------------
@@ -208,6 +221,47 @@ class DataChoice:
     source: str  # hub | bundled | file
     location: str
     total: int  # rows before --limit
+    set: str = ""  # the set's name (data_set_name): standard, paper, bundled-subset, ...
+
+
+# What a set is called when its task file names none. "hub" is the paper's set for every task
+# whose paper_set is not declared: the paper read the same hub datasets (ORIGINAL.md).
+DEFAULT_SET_NAMES = {"hub": "hub", "bundled": "bundled-subset", "file": "file", "skythought": "hub"}
+
+
+def data_set_name(task: TaskSpec, source: str, rows: list[dict] | None = None) -> str:
+    """The name of the set a task's rows came from. A local file is the paper's own set only when its
+    rows have the paper set's shape (a copy of dataset/eval/harmbench.json: 602 rows, 301 behaviours)."""
+    if source == "file" and task.paper_set and rows is not None and _has_shape(task.paper_set, rows):
+        return task.paper_set["name"]
+    return {**DEFAULT_SET_NAMES, **task.set_names}.get(source, source)
+
+
+def paper_set_name(task: TaskSpec) -> str:
+    """The set the paper's table was computed on."""
+    return task.paper_set["name"] if task.paper_set else data_set_name(task, "hub")
+
+
+def _has_shape(shape: dict, rows: list[dict]) -> bool:
+    if len(rows) != shape["rows"]:
+        return False
+    return len({str(row.get(shape["distinct_key"])) for row in rows}) == shape["distinct"]
+
+
+def paper_departures(task: TaskSpec, data: dict, judge: str | None, max_new_tokens: int | None) -> list[str]:
+    """Why a task's number is not comparable with the paper's table (empty: it is): another data set,
+    part of it (--limit), another judge, a shorter token budget. Read from what metrics.json records."""
+    departures = []
+    used = data.get("set") or data_set_name(task, data.get("source", ""))
+    if used != paper_set_name(task):
+        departures.append(f"{task.name} on the {used} set (the paper's: {paper_set_name(task)})")
+    if data.get("rows_used") is not None and data.get("rows_total") and data["rows_used"] < data["rows_total"]:
+        departures.append(f"{task.name} on {data['rows_used']} of {data['rows_total']} rows")
+    if task.judge and judge and judge != task.judge:
+        departures.append(f"{task.name} judged by {judge} (the paper's: {task.judge})")
+    if max_new_tokens is not None and max_new_tokens < task.max_new_tokens:
+        departures.append(f"{task.name} cut at {max_new_tokens} new tokens (the paper's: {task.max_new_tokens})")
+    return departures
 
 
 def resolve_source(task: TaskSpec, data: str, data_file: str | None) -> tuple[str, str]:
@@ -283,7 +337,7 @@ def load_items(task: TaskSpec, data: str = "hub", data_file: str | None = None,
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         raise TaskError(f"{task.name}: duplicate ids in {location}")
-    return select_evenly(items, limit), DataChoice(source, location, len(items))
+    return select_evenly(items, limit), DataChoice(source, location, len(items), data_set_name(task, source, rows))
 
 
 def _keep(task: TaskSpec, row: dict) -> bool:
@@ -330,6 +384,7 @@ def _after_hashes(answer: str) -> str:
 
 def _multiple_choice(task: TaskSpec, row: dict, item_id: str, location: str, seed: int) -> tuple[str, str]:
     """GPQA: question + the four options in a fixed per-question order; returns (text, gold letter).
+    SkyThought shuffles without a seed, so its letters change from run to run; here they do not.
 
     A row that already has `prompt` and a letter `answer` (a prepared local file) is used as is.
     """
@@ -341,7 +396,8 @@ def _multiple_choice(task: TaskSpec, row: dict, item_id: str, location: str, see
     options = [correct] + [str(_first_present(row, k, k, task, location)).strip() for k in keys["incorrect"]]
     random.Random(f"{seed}:{item_id}").shuffle(options)  # str seeds are stable across runs
     letters = CHOICE_LETTERS[: len(options)]
-    listing = "\n".join(f"{letter}) {option}" for letter, option in zip(letters, options))
+    # SkyThought's layout: the question, a newline, then "A) x, B) y, C) z, D) w" on one line
+    listing = ", ".join(f"{letter}) {option}" for letter, option in zip(letters, options))
     return f"{question}\n{listing}", letters[options.index(correct)]
 
 
