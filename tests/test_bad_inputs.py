@@ -353,6 +353,19 @@ def test_8_bad_rows_are_one_line(tiny_qwen3, tmp_path, output_root, capsys, no_m
         one_line_error(code, err, message)
 
 
+def test_8_an_80k_token_row_is_cut_at_max_length_and_counted(tiny_qwen3, tmp_path, output_root, capsys, caplog):
+    """TRL cuts a row at max_length, as the paper's trainer did; the cut is said once and counted."""
+    rows = train_rows(2)
+    rows[0]["response"] = "word " * 80_000
+    dataset = write_rows(tmp_path / "long.jsonl", rows)
+    with caplog.at_level("WARNING", logger="thinksafe.train.sft"):
+        code, out, err = run_cli(capsys, "train", "--model", str(tiny_qwen3), "--dataset", str(dataset), *FAST_TRAIN)
+    assert code == 0, err
+    info = json.loads((train_paths(tiny_qwen3, dataset).run_dir / "run_info.json").read_text())
+    assert (info["truncated_rows"], info["max_length"], info["rows"]) == (1, 128, 2)
+    assert "1 of 2 rows are longer than --max-length 128 tokens" in caplog.text
+
+
 def test_8_out_that_is_a_file_is_one_line(tiny_qwen3, tmp_path, capsys):
     out = tmp_path / "out"
     out.write_text("not a directory")
@@ -422,6 +435,27 @@ def test_9_missing_model_directory(tmp_path, output_root, capsys):
     missing = tmp_path / "no" / "such" / "model"
     code, _, err = run_cli(capsys, "train", "--model", str(missing), "--dataset", str(dataset), *FAST_TRAIN)
     one_line_error(code, err, f"model directory {missing} does not exist")
+
+
+def test_9_an_unreachable_hub_is_one_line_before_any_download(tmp_path, output_root, capsys, monkeypatch,
+                                                               no_model_load):
+    """Online with the hub out of reach, a model not in the cache used to cost 20-45 retry lines of the
+    download; one probe request now gives one line, before anything loads."""
+    import huggingface_hub
+
+    probes = []
+
+    def unreachable(self, repo_id, timeout=None, **kwargs):
+        probes.append((repo_id, timeout))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    dataset = write_rows(tmp_path / "t.jsonl", train_rows())
+    code, _, err = run_cli(capsys, "train", "--model", "nobody/not-cached-model", "--model-type", "qwen",
+                           "--dataset", str(dataset), *FAST_TRAIN)
+    one_line_error(code, err, "cannot reach the hub to download nobody/not-cached-model", "HF_HUB_OFFLINE=1")
+    assert probes == [("nobody/not-cached-model", 10)]
 
 
 def test_9_model_directory_without_a_tokenizer(tiny_qwen3, tmp_path, output_root, capsys):

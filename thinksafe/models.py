@@ -129,19 +129,44 @@ def hub_offline() -> bool:
 
 def check_model_source(source: str) -> None:
     """Everything about a model argument that can be checked without loading it (stages call this
-    before any work): a path that does not exist, a directory without a tokenizer, and, offline, a
-    hub id that is not in the local cache (instead of dozens of retry lines after generation)."""
+    before any work): a path that does not exist, a directory without a tokenizer, and a hub id that
+    is not in the local cache, offline or with the hub out of reach (instead of dozens of retry lines
+    after generation)."""
     if source == "demo":
         return
     path = resolve_model_path(source)
     if Path(path).exists():
         require_tokenizer_files(path, source)
-    elif hub_offline():
-        from huggingface_hub import try_to_load_from_cache
+        return
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-            raise ModelLoadError(f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set: "
-                                 f"download it first (huggingface-cli download {source}) or unset HF_HUB_OFFLINE")
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    if hub_offline():
+        raise ModelLoadError(f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                             f"download it first (huggingface-cli download {source}) or unset HF_HUB_OFFLINE")
+    require_downloadable(source)
+
+
+HUB_PROBE_TIMEOUT_S = 10
+
+
+def require_downloadable(source: str) -> None:
+    """One request, no retries: the model exists, is not gated for us, and the hub answers. The
+    download itself retries with backoff and prints a line per attempt, which is what this avoids."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(source, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelLoadError(f"{source} is gated: accept its terms on its hub page, then `huggingface-cli login`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{source} is neither a local directory nor a model on the hub (or it is private: "
+                             "`huggingface-cli login`)") from None
+    except Exception as err:  # DNS, proxy, TLS, timeout: whatever keeps the hub out of reach
+        raise ModelLoadError(f"cannot reach the hub to download {source} ({_first_line(err)}): download it where "
+                             "the hub is reachable, or set HF_HUB_OFFLINE=1 to use the local cache") from None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, require_template: bool = True):

@@ -15,14 +15,12 @@ Two modes:
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from thinksafe.config import parse_training
 from thinksafe.config.train import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
-from thinksafe.registry import FAMILIES, ModelSpec, grpo_run_name, paths_for_name, resolve_model
+from thinksafe.registry import ModelSpec, grpo_run_name, paths_for_name, resolve_model
 from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and docs import them from grpo)
     capped_completion_length,
     load_prompts,
@@ -30,7 +28,13 @@ from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and d
     template_kwargs,
     trainer_prompt,
 )
-from thinksafe.train.grpo_launch import launch_plan, print_plan  # noqa: F401
+from thinksafe.train.grpo_launch import (  # noqa: F401
+    check_guard_name,
+    check_model_name,
+    check_server_guard,
+    launch_plan,
+    print_plan,
+)
 from thinksafe.train.common import (
     TrainConfigError,
     distributed_state,
@@ -44,7 +48,6 @@ from thinksafe.train.common import (
 logger = logging.getLogger(__name__)
 
 COST_FILE = "cost.json"
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -59,16 +62,6 @@ class GRPORun:
     @property
     def paths(self):
         return paths_for_name(grpo_run_name(self.spec, self.args.dataset, self.model.lora_r))
-
-
-def check_model_name(model: str) -> None:
-    """A family, family/size, local directory or hub id (org/name); anything else is a typo."""
-    if model in FAMILIES or model.partition("/")[0] in FAMILIES or Path(model).exists() or _HUB_ID.fullmatch(model):
-        return
-    raise TrainConfigError(
-        f"model {model!r} is unknown: use a family ({', '.join(FAMILIES)}), family/size (qwen/0.6B), "
-        "a hub id (org/name) or a local directory"
-    )
 
 
 def parse_args(argv: list[str] | None) -> GRPORun:
@@ -87,24 +80,6 @@ def parse_args(argv: list[str] | None) -> GRPORun:
         check_server_guard(args.guard, args.guard_style)
     config.chat_template_kwargs = template_kwargs(spec.family)
     return GRPORun(model_cfg, args, config, spec)
-
-
-def check_guard_name(guard: str) -> None:
-    """A registered name or something that looks like a model (its weights are checked when it loads)."""
-    from thinksafe.guards import GUARD_SPECS, GuardError
-    from thinksafe.guards.loading import looks_like_model
-
-    if guard not in GUARD_SPECS and not looks_like_model(guard):
-        raise GuardError(f"unknown guard {guard!r}; choose one of: {', '.join(GUARD_SPECS)}, a hub id or a model "
-                         "directory")
-
-
-def check_server_guard(guard: str, style: str | None = None) -> None:
-    from thinksafe.guards import LogprobGuard
-    from thinksafe.guards.registry import spec_for
-
-    if spec_for(guard, style).kind is not LogprobGuard:
-        raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")
 
 
 # --- trainer --------------------------------------------------------------------------------

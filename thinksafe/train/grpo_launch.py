@@ -1,9 +1,17 @@
-"""The launch plan scripts/grpo.sh reads (`thinksafe grpo --plan GPU_IDS`): single-device mode, or
-the server mode (policy server, guard server, trainers) with its ports and context lengths."""
+"""GRPO's checks before anything loads, and the launch plan scripts/grpo.sh reads (`thinksafe grpo
+--plan GPU_IDS`): single-device mode, or the server mode (policy server, guard server, trainers)
+with its ports and context lengths."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from thinksafe.errors import ThinksafeError
+from thinksafe.registry import FAMILIES
+from thinksafe.train.common import TrainConfigError
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 SERVER_GPUS = 2  # scripts/grpo.sh: one GPU for the policy server, one for the guard server
 MIN_SERVER_MODE_GPUS = SERVER_GPUS + 1
@@ -41,8 +49,6 @@ def launch_plan(run, gpu_ids: str) -> dict:
             f"--use_vllm --vllm_mode colocate), guard in-process; give at least {MIN_SERVER_MODE_GPUS} GPU ids "
             "for the vLLM server mode"))
         return plan
-    from thinksafe.train.grpo import check_server_guard
-
     check_server_guard(args.guard, args.guard_style)
     policy_port, guard_port, group_port = free_ports(3)
     accelerate_config = CONFIG_DIR / "accelerate" / "multi_gpu.yaml"
@@ -67,3 +73,31 @@ def print_plan(run) -> int:
             raise ThinksafeError(f"{key} contains a tab or newline: {value!r}")
         print(f"{key}\t{value}")
     return 0
+
+
+def check_model_name(model: str) -> None:
+    """A family, family/size, local directory or hub id (org/name); anything else is a typo."""
+    if model in FAMILIES or model.partition("/")[0] in FAMILIES or Path(model).exists() or _HUB_ID.fullmatch(model):
+        return
+    raise TrainConfigError(
+        f"model {model!r} is unknown: use a family ({', '.join(FAMILIES)}), family/size (qwen/0.6B), "
+        "a hub id (org/name) or a local directory"
+    )
+
+
+def check_guard_name(guard: str) -> None:
+    """A registered name or something that looks like a model (its weights are checked when it loads)."""
+    from thinksafe.guards import GUARD_SPECS, GuardError
+    from thinksafe.guards.loading import looks_like_model
+
+    if guard not in GUARD_SPECS and not looks_like_model(guard):
+        raise GuardError(f"unknown guard {guard!r}; choose one of: {', '.join(GUARD_SPECS)}, a hub id or a model "
+                         "directory")
+
+
+def check_server_guard(guard: str, style: str | None = None) -> None:
+    from thinksafe.guards import LogprobGuard
+    from thinksafe.guards.registry import spec_for
+
+    if spec_for(guard, style).kind is not LogprobGuard:
+        raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")

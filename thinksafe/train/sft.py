@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", run.dataset, len(dataset), n_kl, paths.name)
+    truncated = rows_over_max_length(dataset, sft.max_length)
 
     if sft.target_device == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1":
         use_idle_cpu_threads()  # a busy machine degrades gracefully (thinksafe.models.cpu_threads)
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "run": paths.name, "family": spec.family.name, "model": spec.source, "dataset": run.dataset,
         "dataset_kind": data.spec.kind, "dataset_sha256": data.sha256, "rows": len(dataset),
-        "dropped_unclosed": data.dropped_unclosed, "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "dropped_unclosed": data.dropped_unclosed, "truncated_rows": truncated, "max_length": sft.max_length,
+        "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
         "kl_weighting": cfg.kl_weighting if cfg.use_kl else None, "prompt_masking": cfg.prompt_masking,
         "use_kl": cfg.use_kl, "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
@@ -120,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {paths.name} in {info['seconds']:.0f} s: loss {metrics.get('train_loss', float('nan')):.4f}; "
           f"saved {info['saved']}")
     return 0
+
+
+def rows_over_max_length(dataset, max_length: int | None) -> int:
+    """Rows TRL will cut at max_length (as the paper's trainer did): their end, end-of-turn included,
+    is not trained. Counted in run_info.json and said once, never silent."""
+    if max_length is None:
+        return 0
+    over = sum(len(ids) > max_length for ids in dataset["input_ids"])
+    if over:
+        logger.warning("%d of %d rows are longer than --max-length %d tokens and are cut there (TRL truncates, as "
+                       "the paper's trainer did): raise --max-length to train their ends", over, len(dataset),
+                       max_length)
+    return over
 
 
 def peft_config(model_cfg: ThinkSafeModelConfig):
