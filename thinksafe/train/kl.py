@@ -47,6 +47,65 @@ def forward_kl_per_token(student_hidden: torch.Tensor, student_head, teacher_hid
     return divergence
 
 
+# Tokens per tile of the cached KL: a [tile, V] fp32 logit block (about 600 MB at Qwen's 152k vocabulary
+# and 1024 tokens) is the largest thing it builds, recomputed in the backward instead of kept.
+CACHED_KL_TILE = 1024
+
+
+def topk_tail_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
+                 ref_tail: torch.Tensor) -> torch.Tensor:
+    """[n] KL(p_base ‖ p_model) over the base's top-k tokens plus one bucket for the rest of the vocabulary.
+
+    logits: [n, V] the model's logits; ref_ids / ref_logprobs: [n, k] the base's top-k token ids and
+    their log-probabilities (temperature 1); ref_tail: [n] the base's mass outside them. This is the
+    exact KL between the two distributions coarsened to k+1 outcomes, so it never exceeds the full
+    one (data processing inequality); what it misses is tail · KL(base tail shape ‖ model tail shape).
+    Its gradient in the logits is q - p on the top-k and q - tail·q/Q_tail elsewhere.
+    """
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    model_top = logits.gather(1, ref_ids) - log_z[:, None]
+    # The model's tail from its own tail logits, not 1 - Σ top-k: no cancellation when the top-k hold
+    # nearly all of the mass. The top-k are masked with the lowest finite value, not -inf: with an
+    # empty tail (k = V) that keeps 0 · log Q_tail at 0, and its gradient finite.
+    masked = logits.scatter(1, ref_ids, torch.finfo(logits.dtype).min)
+    model_tail = torch.logsumexp(masked, dim=-1) - log_z
+    base_top = ref_logprobs.float()
+    tail = ref_tail.float()
+    top = (base_top.exp() * (base_top - model_top)).sum(-1)
+    return top + torch.xlogy(tail, tail) - tail * model_tail
+
+
+def _tile_kl(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, softcap):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return topk_tail_kl(logits, ref_ids, ref_logprobs, ref_tail)
+
+
+def cached_kl_per_token(student_hidden: torch.Tensor, student_head, ref_ids: torch.Tensor,
+                        ref_logprobs: torch.Tensor, ref_tail: torch.Tensor, logit_scale: float = 1.0,
+                        softcap: float | None = None, tile: int = CACHED_KL_TILE) -> torch.Tensor:
+    """KL(base ‖ model) per token against the base's top-k stored at synthesis: no reference forward.
+
+    student_hidden: [N, H] at the N loss positions; ref_*: [N, k], [N, k], [N] (thinksafe.reference_topk).
+    Each tile of tokens is checkpointed, so only [tile, V] logits exist at any time, forward or backward.
+    Returns [N] float32 (topk_tail_kl); the gradient flows to `student_hidden` and a trainable head.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    weight, bias = _head_params(student_head)
+    ref_ids = ref_ids.to(student_hidden.device, torch.long)
+    pieces = []
+    for start in range(0, student_hidden.size(0), tile):
+        part = slice(start, start + tile)
+        pieces.append(checkpoint(_tile_kl, student_hidden[part], weight, bias, ref_ids[part],
+                                 ref_logprobs[part].to(student_hidden.device),
+                                 ref_tail[part].to(student_hidden.device), logit_scale, softcap,
+                                 use_reentrant=False))
+    return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
+
+
 def row_means_sum(token_losses: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
     """(sum over rows of each row's mean token loss, rows with at least one token).
 
