@@ -15,7 +15,7 @@ import torch
 from trl import SFTTrainer
 
 from thinksafe.registry import KL_WEIGHTINGS, ROW_WEIGHTING
-from thinksafe.train.data import KL_COLUMN
+from thinksafe.train.data import KL_COLUMN, REFERENCE_COLUMNS
 
 IGNORE_INDEX = -100
 FORWARD_KL_BETA = 0.0  # ChunkedDivergenceFunction: beta 0 = KL(teacher ‖ student)
@@ -225,10 +225,22 @@ class KLSFTTrainer(SFTTrainer):
             hidden = backbone(**sub, use_cache=False).last_hidden_state
         return hidden, head
 
-    def _kl_tokens(self, model, student_hidden, teacher_hidden, teacher_head, kl_positions) -> torch.Tensor:
-        """[N] KL(base ‖ model) at the N loss positions of the KL rows (row-major order)."""
+    def _kl_tokens(self, model, student_hidden, teacher_hidden, teacher_head, kl_positions,
+                   reference: dict | None = None) -> torch.Tensor:
+        """[N] KL(base ‖ model) at the N loss positions of the KL rows (row-major order).
+
+        `reference` (the batch's REFERENCE_COLUMNS, KL rows only): the base's stored top-k replace the
+        teacher's hidden states (--kl_reference cached).
+        """
         lm = causal_lm(self.accelerator.unwrap_model(model))
         config = lm.config.get_text_config()
+        if reference is not None:
+            return cached_kl_per_token(
+                student_hidden[:, :-1][kl_positions], lm.get_output_embeddings(),
+                *(reference[name][:, 1:][kl_positions] for name in REFERENCE_COLUMNS),
+                logit_scale=getattr(config, "logit_scale", None) or 1.0,
+                softcap=getattr(config, "final_logit_softcapping", None),
+            )
         return forward_kl_per_token(
             student_hidden[:, :-1][kl_positions],
             lm.get_output_embeddings(),
@@ -242,12 +254,17 @@ class KLSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kl_rows = inputs.pop(KL_COLUMN, None)
+        reference = {name: inputs.pop(name) for name in REFERENCE_COLUMNS if name in inputs} or None
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         kl_rows = (torch.zeros(len(labels), dtype=torch.bool) if kl_rows is None else kl_rows).to(labels.device)
         has_kl = bool(kl_rows.any())
         ce_labels = labels.masked_fill(kl_rows[:, None], IGNORE_INDEX)
-        teacher_hidden, teacher_head = self._reference_hidden(model, inputs, kl_rows) if has_kl else (None, None)
+        # With the stored reference there is no teacher forward at all: that is its whole point.
+        teacher_hidden, teacher_head = (self._reference_hidden(model, inputs, kl_rows) if has_kl and reference is None
+                                        else (None, None))
+        if reference is not None:
+            reference = {name: value.to(labels.device)[kl_rows] for name, value in reference.items()}
 
         with capture_output(self._backbone(model)) as backbone_out, \
                 capture_output(self.accelerator.unwrap_model(model)) as lm_out:
@@ -256,7 +273,7 @@ class KLSFTTrainer(SFTTrainer):
         ce_positions = ce_labels[:, 1:] != IGNORE_INDEX
         kl_positions = (labels[:, 1:] != IGNORE_INDEX) & kl_rows[:, None]
         kl_tokens = (self._kl_tokens(model, last_hidden_state(backbone_out["output"])[kl_rows], teacher_hidden,
-                                     teacher_head, kl_positions[kl_rows])
+                                     teacher_head, kl_positions[kl_rows], reference)
                      if has_kl else ce_tokens.new_zeros(0))
 
         if self.weighting == ROW_WEIGHTING:
