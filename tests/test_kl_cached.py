@@ -188,3 +188,26 @@ def test_cached_kl_fidelity_on_the_demo_model(demo_model, capsys):
     assert weighted <= 0.02 and cosine >= 0.99
     # More of the distribution kept never makes it worse (the coarser KL is a lower bound of the finer).
     assert results[20][1] >= results[64][1] >= results[256][1]
+
+
+def test_run_name_marks_the_cached_reference_and_forward_stays_default():
+    from thinksafe.registry import RunConfig, resolve_model, run_name
+
+    model = resolve_model("qwen", "0.6B")
+    assert run_name(RunConfig(model, "thinksafe", 32, 3, use_kl=True)) == "qwen3-0.6B_thinksafe_r32_ep3_mask_kl"
+    assert run_name(RunConfig(model, "thinksafe", 32, 3, use_kl=True, kl_reference="cached")) == \
+        "qwen3-0.6B_thinksafe_r32_ep3_mask_klcached"
+
+
+def test_reference_batch_puts_entry_j_on_the_jth_completion_token():
+    from thinksafe.train.data import reference_batch
+
+    examples = [{"completion_mask": [0, 0, 1, 1, 1], "ref_ids": [[5, 6], [7, 8], [9, 10]],
+                 "ref_logprobs": [[-1, -2], [-1, -3], [-1, -4]], "ref_tail": [0.1, 0.2, 0.3]},
+                {"completion_mask": [0, 1, 1], "ref_ids": [], "ref_logprobs": [], "ref_tail": []}]
+    batch = reference_batch(examples, width=5)
+    assert batch["ref_ids"][0, 2:].tolist() == [[5, 6], [7, 8], [9, 10]]
+    assert batch["ref_ids"][0, :2].abs().sum() == 0 and batch["ref_ids"][1].abs().sum() == 0
+    assert torch.allclose(batch["ref_tail"][0], torch.tensor([0, 0, 0.1, 0.2, 0.3]))
+    # labels[:, 1:] at position t is token t+1: shifting the reference the same way pairs them
+    assert batch["ref_logprobs"][0, 1:][1].tolist() == [-1, -2]
