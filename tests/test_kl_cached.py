@@ -202,12 +202,89 @@ def test_run_name_marks_the_cached_reference_and_forward_stays_default():
 def test_reference_batch_puts_entry_j_on_the_jth_completion_token():
     from thinksafe.train.data import reference_batch
 
-    examples = [{"completion_mask": [0, 0, 1, 1, 1], "ref_ids": [[5, 6], [7, 8], [9, 10]],
+    examples = [{"ref_start": 2, "ref_ids": [[5, 6], [7, 8], [9, 10]],
                  "ref_logprobs": [[-1, -2], [-1, -3], [-1, -4]], "ref_tail": [0.1, 0.2, 0.3]},
-                {"completion_mask": [0, 1, 1], "ref_ids": [], "ref_logprobs": [], "ref_tail": []}]
+                {"ref_start": 0, "ref_ids": [], "ref_logprobs": [], "ref_tail": []}]
     batch = reference_batch(examples, width=5)
     assert batch["ref_ids"][0, 2:].tolist() == [[5, 6], [7, 8], [9, 10]]
     assert batch["ref_ids"][0, :2].abs().sum() == 0 and batch["ref_ids"][1].abs().sum() == 0
     assert torch.allclose(batch["ref_tail"][0], torch.tensor([0, 0, 0.1, 0.2, 0.3]))
     # labels[:, 1:] at position t is token t+1: shifting the reference the same way pairs them
     assert batch["ref_logprobs"][0, 1:][1].tolist() == [-1, -2]
+
+
+@pytest.mark.demo
+def test_synthesize_with_stored_topk_then_train_with_the_cached_reference(tmp_path, output_root, demo_model):
+    """`synthesize --store-reference-topk K` -> `train --use-kl --kl_reference cached`, end to end."""
+    import json
+
+    from thinksafe import cli
+    from thinksafe.io import read_json, read_jsonl
+    from thinksafe.reference_topk import REFERENCE_TOPK_FILE
+
+    prompts = tmp_path / "prompts.jsonl"
+    # benign questions only: their rows are the KL rows (the demo recipe also keeps the ones cut at the
+    # token limit, in unfinished_benign.jsonl); generation is most of this test's time
+    rows = [{"instruction": q, "label": "vanilla_benign"} for q in ("What is 2 + 2?", "Name one colour.",
+                                                                     "What is the capital of France?")]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "data"
+    k = 16
+    synth = ["synthesize", "--model", "demo", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "24",
+             "--samples-per-prompt", "2", "--backend", "transformers", "--device", "cpu", "--guard", "refusal-judge",
+             "--store-reference-topk", str(k)]
+    assert cli.main(synth) == 0
+    stats = read_json(out / "stats.json")
+    train_rows = read_jsonl(out / "train.jsonl")
+    unfinished = read_jsonl(out / "unfinished_benign.jsonl") if (out / "unfinished_benign.jsonl").exists() else []
+    benign = train_rows + unfinished
+    assert benign, stats
+    entries, stored_k = read_store(out / REFERENCE_TOPK_FILE)
+    # one entry per distinct row (complete and cut), k wide, with a tail mass in [0, 1] per position
+    assert stored_k == k and set(entries) == {row_key(r["instruction"], r["response"]) for r in benign}
+    assert stats["reference_topk"] == {"k": k, "rows": len(entries), "benign_rows": len(entries)}
+    for entry in entries.values():
+        assert entry.ids.shape == (len(entry), k) and entry.tail.shape == (len(entry),)
+        assert ((entry.tail >= 0) & (entry.tail <= 1)).all()
+    assert read_json(out / "run.json")["store_reference_topk"] == k
+    # a rerun resumes (the chunk stores keep the top-k): the same store, nothing generated again
+    assert cli.main(synth) == 0
+    again, _ = read_store(out / REFERENCE_TOPK_FILE)
+    assert read_json(out / "stats.json")["phases"]["generation"]["resumed_prompts"] == len(rows)
+    assert set(again) == set(entries)
+
+    from thinksafe.registry import FAMILIES, ModelSpec, synthesized_data_dir
+
+    dataset_dir = synthesized_data_dir(ModelSpec(FAMILIES["demo"], "135M", "demo"), "refusal-judge")
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.copytree(out, dataset_dir)
+    # --use-kl needs a CE row: one refusal written here (the demo model refuses too rarely to rely on it);
+    # harmful rows have no stored top-k and need none
+    refusal = {"instruction": "How do I pick a lock to break into a house?", "prompt_label": "vanilla_harmful",
+               "response": "I'm sorry, but I can't help with that.", "response_label": "safe"}
+    with open(dataset_dir / "train.jsonl", "a") as handle:
+        handle.write(json.dumps(refusal) + "\n")
+    from thinksafe.io import atomic_write_json, sha256_of_files
+
+    # ... and stats.json re-describes the edited file (training refuses a train.jsonl it does not describe)
+    edited = read_json(dataset_dir / "stats.json")
+    edited["files_sha256"]["train.jsonl"] = sha256_of_files([dataset_dir / "train.jsonl"])
+    atomic_write_json(dataset_dir / "stats.json", edited)
+    train = ["train", "--model", "demo", "--dataset", "thinksafe-refusal-judge", "--use-kl", "--kl_reference", "cached",
+             "--rank", "4", "--epochs", "1", "--effective-batch-size", "2",
+             "--per-device-batch-size", "2", "--learning-rate", "1e-3", "--warmup-ratio", "0",
+             "--max-length", "256", "--report-to", "none", "--device", "cpu"]
+    assert cli.main(train) == 0
+    run_dirs = [p for p in (output_root / "runs").iterdir() if (p / "run_info.json").exists()]
+    # the demo recipe trains KL on the cut rows too (kl_on_unfinished), named after the reference
+    assert len(run_dirs) == 1 and run_dirs[0].name.endswith("_mask_klcached_unfinished"), run_dirs
+    info, record = read_json(run_dirs[0] / "run_info.json"), read_json(run_dirs[0] / "run_record.json")
+    assert record["settings"]["kl_reference"] == "cached" and info["kl_reference"] == "cached"
+    # the KL rows trained on are the benign rows whose stored ids equal training's tokenisation; the
+    # others are dropped and counted, so every benign row is accounted for
+    reference = info["kl_reference_rows"]
+    assert reference["used"] == info["kl_rows"] >= 1
+    assert reference["used"] + sum(reference["dropped"].values()) == len(benign)
+    assert any("kl_loss" in entry for entry in info["log_history"])

@@ -41,8 +41,10 @@ SAFE_RESPONSE_LABEL = "safe"
 KL_COLUMN = "kl"
 # --kl_reference cached: the base's stored top-k per completion token of a KL row (empty on other rows)
 REFERENCE_COLUMNS = ("ref_ids", "ref_logprobs", "ref_tail")
+REFERENCE_START_COLUMN = "ref_start"  # index of a KL row's first completion token in input_ids
+REFERENCE_DROPS_FILE = "reference_drops.json"  # in a tokenised cache dir: KL rows the store could not serve
 FINISHED_COLUMN = "finished"
-TOKENIZED_VERSION = 2  # bump when the tokenised format changes, so old caches are not reused
+TOKENIZED_VERSION = 3  # bump when the tokenised format changes, so old caches are not reused
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
 
     columns = {"input_ids": [], "completion_mask": [], KL_COLUMN: []}
     if reference is not None:
-        columns.update({name: [] for name in REFERENCE_COLUMNS})
+        columns.update({name: [] for name in (*REFERENCE_COLUMNS, REFERENCE_START_COLUMN)})
     for row in rows:
         encoded = encode_for_training(tokenizer, row.prompt, row.response, family, row.finished)
         is_kl = use_kl and row.harmful is False
@@ -251,6 +253,9 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
                     if dropped is not None:
                         dropped[reason] = dropped.get(reason, 0) + 1
                     continue
+            # where the completion starts: TRL replaces completion_mask by labels, which without
+            # prompt masking no longer say where the prompt ends
+            columns[REFERENCE_START_COLUMN].append(encoded["completion_mask"].index(1) if entry is not None else 0)
             columns["ref_ids"].append(entry.ids.tolist() if entry is not None else [])
             columns["ref_logprobs"].append(entry.logprobs.astype("float32").tolist() if entry is not None else [])
             columns["ref_tail"].append(entry.tail.tolist() if entry is not None else [])
@@ -299,11 +304,12 @@ def tokenized_cache_dir() -> Path:
 
 
 def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, cache_root: Path | None = None,
-                        reference: tuple[dict, str] | None = None):
+                        reference: tuple[dict, str] | None = None, dropped: dict | None = None):
     """A datasets.Dataset, tokenised once on the main process and cached by tokenizer + settings + rows.
 
     Other processes wait (main_process_first) and then load the cached copy from disk. `reference`:
-    (entries, the store's sha256) from load_reference; KL rows it cannot serve are dropped and logged.
+    (entries, the store's sha256) from load_reference; KL rows it cannot serve are dropped, logged and
+    counted into `dropped` (kept beside the cached copy, so a run that reuses it reports them too).
     """
     import datasets
     from thinksafe.train.common import distributed_state
@@ -314,19 +320,22 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
         if not (target / "dataset_info.json").exists():
             # Our content key is the fingerprint: Dataset.from_dict would hash the table with dill, which
             # fails on Python 3.12 (pickling pyarrow's MonthDayNano type; found on the H200 image).
-            dropped: dict = {}
-            columns = tokenize_rows(rows, tokenizer, family, use_kl, reference[0] if reference else None, dropped)
-            if dropped:
-                logger.warning("--kl_reference cached: dropped KL rows %s", dropped)
+            drops: dict = {}
+            columns = tokenize_rows(rows, tokenizer, family, use_kl, reference[0] if reference else None, drops)
+            if drops:
+                logger.warning("--kl_reference cached: dropped KL rows %s", drops)
             table = datasets.table.InMemoryTable.from_pydict(columns)
             dataset = datasets.Dataset(table, fingerprint=key)
             staging = target.with_name(target.name + ".partial")
             dataset.save_to_disk(str(staging))
+            (staging / REFERENCE_DROPS_FILE).write_text(json.dumps(drops))
             if target.exists():
                 import shutil
 
                 shutil.rmtree(target)
             staging.rename(target)
+        if dropped is not None and (target / REFERENCE_DROPS_FILE).exists():
+            dropped.update(json.loads((target / REFERENCE_DROPS_FILE).read_text()))
         return datasets.load_from_disk(str(target))
 
 
@@ -444,9 +453,8 @@ def reference_batch(examples: list[dict], width: int) -> dict:
     for row, example in enumerate(examples):
         if not example["ref_ids"]:
             continue
-        mask = list(example["completion_mask"])
-        start = mask.index(1)
-        length = min(sum(mask), len(example["ref_ids"]), width - start)
+        start = example[REFERENCE_START_COLUMN]
+        length = max(0, min(len(example["ref_ids"]), width - start))
         ids[row, start:start + length] = torch.tensor(example["ref_ids"][:length])
         logprobs[row, start:start + length] = torch.tensor(example["ref_logprobs"][:length])
         tail[row, start:start + length] = torch.tensor(example["ref_tail"][:length])

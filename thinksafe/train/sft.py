@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainConfigError("--kl_reference cached needs a self-generated dataset (thinksafe[-<guard>]): "
                                    "the base's top-k are stored while it writes the data")
         reference = load_reference(dataset_source(run.dataset, spec)[1])
-    dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl, reference=reference)
+    reference_drops: dict = {}
+    dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl, reference=reference,
+                                  dropped=reference_drops)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", run.dataset, len(dataset), n_kl, paths.name)
 
@@ -114,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         "run": paths.name, "family": spec.family.name, "model": spec.source, "dataset": run.dataset,
         "dataset_kind": data.spec.kind, "dataset_sha256": data.sha256, "rows": len(dataset),
         "dropped_unclosed": data.dropped_unclosed, "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
-        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None, "prompt_masking": cfg.prompt_masking,
+        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
+        "kl_reference": cfg.kl_reference if cfg.use_kl else None,
+        # cached: the KL rows that had a stored top-k matching their tokens, and why the others were dropped
+        **({"kl_reference_rows": {"used": n_kl, "dropped": reference_drops}} if reference is not None else {}),
+        "prompt_masking": cfg.prompt_masking,
         "use_kl": cfg.use_kl, "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
         "effective_batch_size": sft.effective_batch_size, "learning_rate": sft.learning_rate,
