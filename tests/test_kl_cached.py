@@ -288,3 +288,31 @@ def test_synthesize_with_stored_topk_then_train_with_the_cached_reference(tmp_pa
     assert reference["used"] == info["kl_rows"] >= 1
     assert reference["used"] + sum(reference["dropped"].values()) == len(benign)
     assert any("kl_loss" in entry for entry in info["log_history"])
+
+
+def test_a_finished_forward_run_recorded_before_kl_reference_is_still_the_same_run(output_root):
+    """run_record.json written before `kl_reference` existed: read as forward (what those runs did)."""
+    from thinksafe.io import atomic_write_json
+    from thinksafe.train.common import RUN_INFO, RUN_RECORD, TrainConfigError, prepare_run_dir
+    from thinksafe.train.sft import content_settings, parse_args
+
+    def record(*flags):
+        model_cfg, run, sft = parse_args(["--model", "demo", "--dataset", "thinksafe", "--use-kl", "--device", "cpu",
+                                          "--report-to", "none", *flags])
+        return {"dataset": "thinksafe", "settings": {"model": "demo", "dataset_sha256": "0" * 64,
+                                                     **content_settings(model_cfg, sft)}}
+
+    forward = record()
+    assert forward["settings"]["kl_reference"] == "forward"
+    older = {**forward, "settings": {k: v for k, v in forward["settings"].items() if k != "kl_reference"}}
+    from thinksafe.registry import RunConfig, resolve_model, run_paths
+
+    paths = run_paths(RunConfig(resolve_model("demo"), "thinksafe", 32, 3, use_kl=True))
+    paths.run_dir.mkdir(parents=True)
+    atomic_write_json(paths.run_dir / RUN_RECORD, older)
+    atomic_write_json(paths.run_dir / RUN_INFO, {"run": paths.name})
+    # the same forward run: skipped as finished, not refused for a changed setting
+    assert prepare_run_dir(paths, overwrite=False, record=forward, skip_finished=True) is None
+    # a real change is still caught, named with the old run's (default) value
+    with pytest.raises(TrainConfigError, match="kl_reference 'forward' -> 'cached'"):
+        prepare_run_dir(paths, overwrite=False, record=record("--kl_reference", "cached"), skip_finished=True)
