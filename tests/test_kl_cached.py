@@ -79,115 +79,35 @@ def test_tail_from_logprobs_and_the_store_round_trip(tmp_path):
             assert np.array_equal(getattr(loaded[key], name), getattr(entry, name))
 
 
-# Fidelity on the demo model, measured at several k from one generation stored at the largest (a
-# top-k' is the first k' of a sorted top-k, its tail the rest). k = 20 is vLLM's default limit
-# (max_logprobs) and issue 20's starting point; on the demo model it misses the 2% target (its raw
-# distribution is flat: ~10% of the mass lies outside the top 20), so the target is asserted at
-# FIDELITY_K = 256: 256 x (int32 + fp16) = 1.5 kB a position, ~25 MB for a 16k-token row.
-FIDELITY_KS = (20, 64, 256)
-FIDELITY_K = 256
-FIDELITY_PROMPTS = ["How do I bake bread at home?", "Explain why the sky is blue.",
-                    "Write a short poem about autumn.", "What is a good way to learn Python?"]
+# Fidelity on the demo model, small enough for CI: bench/kl_cached.py measures the table in
+# bench/README.md (4 rows x 40 tokens, k = 20, 64, 256); here 2 rows x 10 tokens at k = 20 and 256
+# (the issue's 2% KL target is asserted on the token-weighted error).
+def test_cached_kl_fidelity_on_the_demo_model(demo_model):
+    """Issue 20's targets on a few tokens: the stored top-k are the model's raw distribution; at k = 256
+    the LoRA gradient cosine is >= 0.99 and the KL error small; more of the distribution never hurts."""
+    from bench.kl_cached import aligned, demo_samples, fidelity, with_lora
 
-
-def demo_samples(demo_model, k, max_new_tokens=40):
-    """Benign samples of the demo model with their stored top-k, and how many align with training's ids."""
-    from thinksafe.chat import encode_for_training
-    from thinksafe.generation import HFGenerator
-    from thinksafe.registry import FAMILIES
-
-    family = FAMILIES["demo"]
-    generator = HFGenerator(str(demo_model), family, device="cpu", batch_size=4, reference_topk=k)
-    sampling = family.sampling.replace(max_new_tokens=max_new_tokens, n=1, seed=0)
-    samples = []
-    for prompt, (completion,) in zip(FIDELITY_PROMPTS, generator.chat(FIDELITY_PROMPTS, sampling)):
-        encoded = encode_for_training(generator.tokenizer, prompt, completion.text, family, completion.finished)
-        start = encoded["completion_mask"].index(1)
-        samples.append((encoded["input_ids"], start, completion))
-    return generator, samples
-
-
-def first_k(ref: TopK, k: int) -> TopK:
-    rest = np.exp(ref.logprobs[:, k:].astype(np.float64)).sum(-1)
-    return TopK(ref.tokens, ref.ids[:, :k], ref.logprobs[:, :k], (ref.tail + rest).astype(np.float32))
-
-
-def exact_and_cached(model, samples, k):
-    """Per-token exact KL (full vocabulary, float64, by hand) and cached KL, and each one's LoRA gradient."""
-    exact_tokens, cached_tokens, grads = [], [], {}
-    for kind in ("exact", "cached"):
-        model.zero_grad()
-        total = 0.0
-        for input_ids, start, completion in samples:
-            ids = torch.tensor([input_ids])
-            positions = slice(start - 1, len(input_ids) - 1)  # hidden state t predicts token t+1
-            with torch.no_grad(), model.disable_adapter():
-                base_logits = model(input_ids=ids).logits[0, positions]
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, positions]
-            if kind == "exact":
-                log_q = model.get_output_embeddings()(hidden).double().log_softmax(-1)
-                log_p = base_logits.double().log_softmax(-1)
-                per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-                exact_tokens.append(per_token.detach())
-            else:
-                ref = first_k(completion.reference, k)
-                per_token = cached_kl_per_token(hidden, model.get_output_embeddings(), torch.from_numpy(ref.ids),
-                                                torch.from_numpy(ref.logprobs), torch.from_numpy(ref.tail))
-                cached_tokens.append(per_token.detach().double())
-            total = total + per_token.mean()
-        (total / len(samples)).backward()  # the paper's row weighting: mean over rows of row means
-        grads[kind] = torch.cat([p.grad.flatten().double() for n, p in model.named_parameters() if "lora_" in n])
-    return torch.cat(exact_tokens), torch.cat(cached_tokens), grads
-
-
-def test_cached_kl_fidelity_on_the_demo_model(demo_model, capsys):
-    """Issue 20's targets: per-token KL relative error <= 2% (mean), LoRA gradient cosine >= 0.99."""
-    from peft import LoraConfig, get_peft_model
-
-    generator, samples = demo_samples(demo_model, max(FIDELITY_KS))
-    tokenizer = generator.tokenizer
-    # Stored positions align with training's completion tokens (the end-of-turn id included).
-    # Re-tokenising the decoded text can merge what the model generated as separate tokens: those
-    # rows are the ones training drops from the cached KL (counted); the others align exactly.
-    aligned = [s for s in samples if s[0][s[1]:] == s[2].reference.tokens.tolist()]
-    assert aligned, "no sample's generated ids equal training's tokenisation"
-    dropped = len(samples) - len(aligned)
-    samples = aligned
-    # The stored top-k are the model's own raw distribution at those positions (not the sampler's).
+    generator, samples = demo_samples(demo_model, 256, ["Explain why the sky is blue.",
+                                                        "What is a good way to learn Python?"], max_new_tokens=10)
+    samples = aligned(samples)
+    assert samples, "no sample's generated ids equal training's tokenisation"
+    # The stored top-k are the model's own raw logits at those positions (not the sampler's): against a
+    # single forward of the training ids (compared on the top 20: deeper in the list, near-equal
+    # log-probs may swap places between the two computations)
     input_ids, start, completion = samples[0]
     with torch.no_grad():
         logits = generator.model(input_ids=torch.tensor([input_ids])).logits[0, start - 1: len(input_ids) - 1]
-    # (compared on the top 20: deeper in the list, near-equal log-probs may swap places between the two
-    # computations)
-    ids, logprobs, tail = topk_from_logits(logits, 20)
+    ids, logprobs, _ = topk_from_logits(logits, 20)
     assert np.array_equal(ids, completion.reference.ids[:, :20])
     # float16's step is 0.004 between 4 and 8: a left-padded, cached batch and this single forward
     # differ by ~1e-4 in float32, enough to round some values one step apart
     assert np.allclose(logprobs.astype(np.float32), completion.reference.logprobs[:, :20].astype(np.float32), atol=1e-2)
 
-    torch.manual_seed(0)
-    model = get_peft_model(generator.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    results = {}
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # drawn at this scale, the model has drifted ~0.05 nat/token from the base
-            param.data.normal_(0, 0.03)
-    for k in FIDELITY_KS:
-        exact, cached, grads = exact_and_cached(model, samples, k)
-        weighted = float((cached - exact).abs().sum() / exact.sum())
-        per_token = float(((cached - exact).abs() / exact.clamp(min=1e-12)).mean())
-        cosine = float(F.cosine_similarity(grads["exact"], grads["cached"], dim=0))
-        tail = float(np.concatenate([first_k(s[2].reference, k).tail for s in samples]).mean())
-        results[k] = (float(exact.mean()), weighted, per_token, cosine, tail)
-    with capsys.disabled():
-        print(f"\ncached KL fidelity, demo model, {len(exact)} tokens, {len(samples)} rows "
-              f"({dropped} more dropped: re-tokenised otherwise; tokenizer vocab {len(tokenizer)}):")
-        for k, (mean_kl, weighted, per_token, cosine, tail) in results.items():
-            print(f"  k={k}: base tail mass {tail:.4f}; exact KL {mean_kl:.4f} nat/token; relative error "
-                  f"{weighted:.4%} (sum|diff|/sum), {per_token:.4%} (mean per token); grad cosine {cosine:.5f}")
-    _, weighted, _, cosine, _ = results[FIDELITY_K]
-    assert weighted <= 0.02 and cosine >= 0.99
-    # More of the distribution kept never makes it worse (the coarser KL is a lower bound of the finer).
-    assert results[20][1] >= results[64][1] >= results[256][1]
+    at20, at256 = fidelity(with_lora(generator.model), samples, (20, 256))
+    assert at20.exact_kl == at256.exact_kl > 0
+    # the coarser KL is a lower bound of the finer one, so keeping more of the distribution never hurts
+    assert at20.weighted_error >= at256.weighted_error and at20.tail > at256.tail
+    assert at256.grad_cosine >= 0.99 and at256.weighted_error <= 0.02
 
 
 def test_run_name_marks_the_cached_reference_and_forward_stays_default():
