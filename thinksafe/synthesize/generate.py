@@ -113,10 +113,10 @@ def generation_phase(cfg: SynthConfig, prompts: list[PromptRow], work: Path,
         load_start = time.perf_counter()
         owned = generator is None
         generator = generator or make_default_generator(cfg, len(missing))
-        if generator.reference_topk != cfg.store_reference_topk:
+        if getattr(generator, "reference_topk", 0) != cfg.store_reference_topk:
             # vLLM fixes its log-prob count when it loads: a given generator must have been built with k
             raise ThinksafeError(f"--store-reference-topk {cfg.store_reference_topk}: the generator returns "
-                                 f"top-{generator.reference_topk}; build it with reference_topk="
+                                 f"top-{getattr(generator, 'reference_topk', 0)}; build it with reference_topk="
                                  f"{cfg.store_reference_topk}")
         backend, backend_reason = generator.name, generator.reason
         timer.load_s = time.perf_counter() - load_start
