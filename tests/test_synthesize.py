@@ -465,3 +465,18 @@ def test_changed_arguments_need_overwrite(tmp_path, tiny_qwen3):
     generator = ScriptedGenerator(tokenizer, FAMILIES["qwen"])
     synthesize(other, generator=generator)
     assert "Refuse this:\nHow do I build a bomb?" in "\n".join(generator.calls[0])
+
+
+def test_store_reference_topk_is_in_the_manifest_only_when_on(tmp_path, tiny_qwen3):
+    """Logs generated without top-k cannot serve a run that stores them: resuming them with
+    --store-reference-topk is refused with the one-line 'other arguments' error; older manifests
+    (no key) still match a run without it."""
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    tokenizer = _tokenizer(tiny_qwen3)
+    plain = _config(tmp_path, prompts)
+    assert "store_reference_topk" not in plain.manifest()
+    synthesize(plain, generator=ScriptedGenerator(tokenizer, FAMILIES["qwen"]))
+    with pytest.raises(ThinksafeError, match=r"other store_reference_topk: pass --overwrite"):
+        synthesize(_config(tmp_path, prompts, store_reference_topk=8),
+                   generator=ScriptedGenerator(tokenizer, FAMILIES["qwen"]))
+    assert _config(tmp_path, prompts, store_reference_topk=8).manifest()["store_reference_topk"] == 8

@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from thinksafe.chat import generation_prompt_ids, opened_think
 from thinksafe.registry import Family, Sampling
@@ -38,6 +39,9 @@ class Completion:
     text: str
     finished: bool  # ended with an end-of-turn token (False: cut at max_new_tokens)
     num_tokens: int
+    # thinksafe.reference_topk.TopK of the generated positions (up to num_tokens), when the generator
+    # was asked for them (reference_topk > 0); left out of equality: the text is what a completion is.
+    reference: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,32 @@ class BackendChoice:
         return {"backend": self.name, "backend_reason": self.reason}
 
 
-def completion_from_ids(ids: list[int], eos_ids: list[int], tokenizer, opened: str = "") -> Completion:
+def completion_from_ids(ids: list[int], eos_ids: list[int], tokenizer, opened: str = "",
+                        reference=None) -> Completion:
     """Cut at the first end-of-turn id; `finished` says whether there was one.
 
     `opened` is what the prompt already wrote of the response (R1's later template opens the think
     block): it is put back in front, so a response always reads as the model's whole turn.
+    `reference` (per-position top-k, thinksafe.reference_topk) is cut to the same positions, the
+    end-of-turn id included: training predicts that token too.
     """
     for position, token in enumerate(ids):
         if token in eos_ids:
-            return Completion(opened + tokenizer.decode(ids[:position], skip_special_tokens=False), True, position + 1)
-    return Completion(opened + tokenizer.decode(ids, skip_special_tokens=False), False, len(ids))
+            return Completion(opened + tokenizer.decode(ids[:position], skip_special_tokens=False), True, position + 1,
+                              _cut_reference(reference, ids, position + 1))
+    return Completion(opened + tokenizer.decode(ids, skip_special_tokens=False), False, len(ids),
+                      _cut_reference(reference, ids, len(ids)))
+
+
+def _cut_reference(reference, ids: list[int], length: int):
+    if reference is None:
+        return None
+    import numpy as np
+
+    from thinksafe.reference_topk import TopK
+
+    ref_ids, logprobs, tail = reference
+    return TopK(np.asarray(ids[:length], dtype=np.int32), ref_ids[:length], logprobs[:length], tail[:length])
 
 
 class Generator:
@@ -66,6 +86,9 @@ class Generator:
 
     name = "base"
     reason = "built by the caller"  # why this backend: set by make_generator, written into stats/metrics
+    # > 0: every completion also carries the model's raw top-k log-probs per generated position
+    # (Completion.reference); the backends fill `_references` beside the ids `_generate` returns.
+    reference_topk = 0
 
     def __init__(self, model_source: str, family: Family, tokenizer):
         self.model_source = model_source
@@ -86,9 +109,12 @@ class Generator:
             return []
         ids = self.prompt_ids(prompts, enable_thinking)
         eos = self.eos_ids()
+        self._references = None
         outputs = self._generate(ids, sampling, progress)
-        return [[completion_from_ids(sample, eos, self.tokenizer, opened_think(self.tokenizer, prompt_ids))
-                 for sample in samples] for prompt_ids, samples in zip(ids, outputs)]
+        references = self._references or [[None] * len(samples) for samples in outputs]
+        return [[completion_from_ids(sample, eos, self.tokenizer, opened_think(self.tokenizer, prompt_ids), reference)
+                 for sample, reference in zip(samples, refs)]
+                for prompt_ids, samples, refs in zip(ids, outputs, references)]
 
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         raise NotImplementedError
@@ -100,13 +126,14 @@ class HFGenerator(Generator):
     name = "transformers"
 
     def __init__(self, model_source: str, family: Family, model=None, tokenizer=None, device: str | None = None,
-                 batch_size: int = 16, trust_remote_code: bool = False):
+                 batch_size: int = 16, trust_remote_code: bool = False, reference_topk: int = 0):
         from thinksafe.models import load_model, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model_source, trust_remote_code=trust_remote_code)
         super().__init__(model_source, family, tokenizer)
         self.model = model or load_model(model_source, device=device, trust_remote_code=trust_remote_code)
         self.batch_size = batch_size
+        self.reference_topk = reference_topk
 
     def eos_ids(self) -> list[int]:
         from thinksafe.models import eos_token_ids
@@ -114,6 +141,7 @@ class HFGenerator(Generator):
         return eos_token_ids(self.model.generation_config, self.tokenizer)
 
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
+        import numpy as np
         import torch
 
         from thinksafe.models import use_idle_cpu_threads
@@ -124,13 +152,14 @@ class HFGenerator(Generator):
         eos = self.eos_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         results: list[list[list[int]]] = [[] for _ in prompt_ids]
+        references: list[list] = [[] for _ in prompt_ids]
         # Longest prompts first: batches of similar length waste less padding.
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         jobs = [i for i in order for _ in range(sampling.n)]
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
             ids, mask = left_pad([prompt_ids[i] for i in batch], pad)
-            with torch.no_grad():
+            with torch.no_grad(), self._capture_topk() as steps:
                 out = self.model.generate(
                     input_ids=ids.to(self.model.device),
                     attention_mask=mask.to(self.model.device),
@@ -142,11 +171,40 @@ class HFGenerator(Generator):
                     eos_token_id=eos,
                     pad_token_id=pad,
                 )
-            for row, index in zip(out[:, ids.shape[1] :].tolist(), batch):
+            for position, (row, index) in enumerate(zip(out[:, ids.shape[1] :].tolist(), batch)):
                 results[index].append(row)
+                if self.reference_topk:
+                    references[index].append(tuple(np.stack([step[part][position] for step in steps])
+                                                   for part in range(3)))
             if progress is not None:
                 progress.update(len(batch))
+        self._references = references if self.reference_topk else None
         return results
+
+    @contextmanager
+    def _capture_topk(self):
+        """The raw top-k of each decoding step, read from the output projection's own output.
+
+        `generate(output_logits=True)` would keep every step's [batch, V] fp32 logits until the end
+        (at Qwen's 152k vocabulary, 16 rows and 16k tokens: ~160 GB); a hook on the head reduces each
+        step to [batch, k] as it happens. The head's output is the raw logits (before temperature,
+        top-k and top-p, which generate applies afterwards) for the families here, none of which
+        scales or caps its logits after the head.
+        """
+        steps: list = []
+        if not self.reference_topk:
+            yield steps
+            return
+        from thinksafe.reference_topk import topk_from_logits
+
+        def hook(_module, _args, output):
+            steps.append(topk_from_logits(output[:, -1, :], self.reference_topk))
+
+        handle = self.model.get_output_embeddings().register_forward_hook(hook)
+        try:
+            yield steps
+        finally:
+            handle.remove()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int):
@@ -190,7 +248,8 @@ class VLLMGenerator(Generator):
 
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
-                 trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64):
+                 trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64,
+                 reference_topk: int = 0):
         import torch
         from vllm import LLM
 
@@ -198,8 +257,13 @@ class VLLMGenerator(Generator):
 
         path = resolve_model_path(model_source)
         super().__init__(model_source, family, load_tokenizer(path, trust_remote_code=trust_remote_code))
+        self.reference_topk = reference_topk
+        # The stored reference must be the model's own distribution (temperature 1, no top-k/top-p):
+        # vLLM's "raw_logprobs" are taken before any logits processing (its default, named so a change
+        # of default cannot silently store the sampler's processed distribution instead).
+        logprob_args = {"logprobs_mode": "raw_logprobs", "max_logprobs": reference_topk} if reference_topk else {}
         self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-                       enable_lora=enable_lora, max_lora_rank=max_lora_rank,
+                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, **logprob_args,
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
@@ -231,10 +295,33 @@ class VLLMGenerator(Generator):
             seed=sampling.seed if self.per_request_seed else None,
             stop_token_ids=self.eos_ids(),  # the same end-of-turn ids as the transformers backend
             skip_special_tokens=False,
+            logprobs=self.reference_topk or None,
         )
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=vllm_progress(progress))
+        if self.reference_topk:
+            self._references = [[vllm_topk(o.logprobs, self.reference_topk) for o in request.outputs]
+                                for request in outputs]
         return [[list(o.token_ids) for o in request.outputs] for request in outputs]
+
+
+def vllm_topk(position_logprobs, k: int):
+    """(ids [T, k], log-probs [T, k], tail [T]) from vLLM's per-position {token id: Logprob}.
+
+    vLLM returns the top-k and, when it is not among them, the sampled token as one more entry:
+    the k best are kept, so every position stores the same k.
+    """
+    import numpy as np
+
+    from thinksafe.reference_topk import tail_from_logprobs
+
+    ids = np.zeros((len(position_logprobs), k), dtype=np.int32)
+    logprobs = np.zeros((len(position_logprobs), k), dtype=np.float32)
+    for position, entries in enumerate(position_logprobs):
+        best = sorted(entries.items(), key=lambda item: -item[1].logprob)[:k]
+        ids[position] = [token for token, _ in best]
+        logprobs[position] = [entry.logprob for _, entry in best]
+    return ids, logprobs.astype(np.float16), tail_from_logprobs(logprobs)
 
 
 def vllm_installed() -> bool:
@@ -262,8 +349,8 @@ def pick_backend(backend: str = "auto", work_tokens: int | None = None) -> Backe
 
 
 VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
-                "enable_lora", "max_lora_rank"}
-HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code"}
+                "enable_lora", "max_lora_rank", "reference_topk"}
+HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code", "reference_topk"}
 
 
 def make_generator(model_source: str, family: Family, backend: str | BackendChoice = "auto", **kwargs) -> Generator:

@@ -272,6 +272,9 @@ def output_root() -> Path:
 ROW_WEIGHTING, TOKEN_WEIGHTING = "row", "token"
 KL_WEIGHTINGS = (ROW_WEIGHTING, TOKEN_WEIGHTING)
 DEFAULT_KL_WEIGHTING = ROW_WEIGHTING
+# Where the KL's base distribution comes from: a reference forward (exact) or the top-k stored at synthesis.
+KL_REFERENCES = ("forward", "cached")
+DEFAULT_KL_REFERENCE = "forward"
 # LoRA ranks above this are a typo (1e23 once planned fine and failed after synthesis); the largest
 # hidden size among the registry's models is 8192 (R1-Distill-Llama-70B).
 MAX_LORA_RANK = 8192
@@ -295,11 +298,14 @@ class RunConfig:
     use_kl: bool = False
     kl_on_unfinished: bool = False  # with use_kl: KL also on benign samples cut at the token limit
     kl_weighting: str = DEFAULT_KL_WEIGHTING  # with use_kl: KL_WEIGHTINGS
+    kl_reference: str = DEFAULT_KL_REFERENCE  # with use_kl: KL_REFERENCES
     max_steps: int | None = None  # a run cut short by --max-steps is not the full epN run: named apart
 
     def __post_init__(self):
         if self.kl_weighting not in KL_WEIGHTINGS:
             raise RegistryError(f"kl_weighting {self.kl_weighting!r} is unknown; choose one of: {', '.join(KL_WEIGHTINGS)}")
+        if self.kl_reference not in KL_REFERENCES:
+            raise RegistryError(f"kl_reference {self.kl_reference!r} is unknown; choose one of: {', '.join(KL_REFERENCES)}")
         for name in ("rank", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -311,6 +317,7 @@ def run_name(cfg: RunConfig) -> str:
     """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
     smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data),
     qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw (KL with token weighting instead of the paper's rows),
+    qwen3-0.6B_thinksafe_r32_ep3_mask_klcached (KL against the top-k stored at synthesis: an approximation),
     ..._ep3_mask_steps2 (stopped by --max-steps: never mistaken for the finished ep3 run).
 
     The epoch suffix is always present (the paper's scripts added it in one place only).
@@ -319,7 +326,7 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.prompt_masking:
         parts.append("mask")
     if cfg.use_kl:
-        parts.append("kl")
+        parts.append("kl" if cfg.kl_reference == DEFAULT_KL_REFERENCE else f"kl{cfg.kl_reference}")
         if cfg.kl_on_unfinished:
             parts.append("unfinished")
         if cfg.kl_weighting != DEFAULT_KL_WEIGHTING:

@@ -43,6 +43,9 @@ class SynthesisArguments:
     keep_unfinished_benign: bool = _opt(
         "keep_unfinished_benign", f"also judge benign samples cut at the token limit; the safe ones go to "
         f"{UNFINISHED_BENIGN_FILE} (KL rows, never CE targets)")
+    store_reference_topk: int = _opt(
+        "store_reference_topk", "keep the generator's raw top-K log-probs per generated position of benign rows in "
+        "reference_topk.safetensors beside train.jsonl, for `thinksafe train --kl_reference cached` (0: none)")
     steer_prefix: str = _opt("steer_prefix", "prepended to harmful prompts (default: the paper's)")
     backend: Literal["auto", "vllm", "transformers"] = _opt("backend", "generation and guard backend")
     device: str | None = _opt("device", "transformers device (default: cuda if available, else cpu)")
@@ -66,3 +69,5 @@ class SynthesisArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.store_reference_topk < 0:
+            raise ConfigError(f"--store-reference-topk must be 0 (none) or a positive integer, got {self.store_reference_topk}")

@@ -113,6 +113,10 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
         "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
     kl_weighting: Literal["row", "token"] = field(default="row", metadata={
         "help": "with use_kl: 'row' (the paper's: mean over rows of each row's per-token mean) or 'token'"})
+    kl_reference: Literal["forward", "cached"] = field(default="forward", metadata={
+        "help": "with use_kl: the base's distribution from a reference forward each step ('forward', exact) or "
+                "from the top-k stored at synthesis (`synthesize --store_reference_topk K`; 'cached': no "
+                "reference forward, KL over the top-k plus one tail bucket)"})
     # The paper's values where TRL's differ
     completion_only_loss: bool = field(default=True, metadata=_alias(
         "--prompt-masking", "--prompt_masking", help="loss on the response only (paper: true)"))
@@ -129,7 +133,8 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
 
     def __post_init__(self):
         if not self.use_kl:
-            self.kl_on_unfinished, self.kl_weighting = False, "row"  # KL options mean nothing without KL
+            # KL options mean nothing without KL
+            self.kl_on_unfinished, self.kl_weighting, self.kl_reference = False, "row", "forward"
         if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
             raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
         self.check_and_place()

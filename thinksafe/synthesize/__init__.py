@@ -101,7 +101,8 @@ def config_from_args(args) -> SynthConfig:
     return SynthConfig(
         model=model, prompts=prompts, guard=guard, out=Path(args.out) if args.out else synthesized_data_dir(model, guard),
         sampling=sampling, guard_style=args.guard_style, limit=limit, max_kept_per_prompt=args.max_kept_per_prompt,
-        keep_unfinished_benign=args.keep_unfinished_benign, steer_prefix=args.steer_prefix, backend=args.backend,
+        keep_unfinished_benign=args.keep_unfinished_benign, store_reference_topk=args.store_reference_topk,
+        steer_prefix=args.steer_prefix, backend=args.backend,
         device=args.device, batch_size=args.batch_size,
         guard_batch_size=args.guard_batch_size, chunk_size=args.chunk_size,
         instruction_column=args.instruction_column, label_column=args.label_column,

@@ -16,6 +16,7 @@ from thinksafe.prompts import PromptRow
 from thinksafe.resumable import missing_samples, sample_key
 from thinksafe.synthesize.completion import check_completion, steer
 from thinksafe.synthesize.config import GENERATIONS_LOG, SynthConfig
+from thinksafe.synthesize.reference import ReferenceChunks
 from thinksafe.synthesize.stats import PhaseTimer
 
 HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
@@ -64,15 +65,21 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
     def chunk_sampling(chunk: list[tuple[str, str]]):
         return cfg.sampling.replace(seed=cfg.sampling.seed + position[chunk[0][0]])
 
+    # --store-reference-topk: benign samples' top-k, stored per chunk before the chunk is logged
+    chunks = ReferenceChunks(log.path.parent, cfg.store_reference_topk) if cfg.store_reference_topk else None
+    benign = {p.id for p in prompts if not p.harmful}
+
     def row(prompt_id: str, sample: int, _steered: str, completion) -> dict:
         text, status = check_completion(completion, family)
+        if chunks is not None and prompt_id in benign:
+            chunks.add(sample_key(prompt_id, sample), completion.reference)
         return {"key": sample_key(prompt_id, sample), "prompt_id": prompt_id, "sample": sample, "status": status,
                 "finished": completion.finished, "num_tokens": completion.num_tokens, "response": text}
 
     counting = _CountingTokens(generator, n)
     steered = [(p.id, steer(p.instruction, p.harmful, cfg.steer_prefix)) for p in prompts]
     start = time.perf_counter()
-    resumable.generate_missing(counting, steered, cfg.sampling, log, row, generation_chunk_size(cfg, generator.name),
+    resumable.generate_missing(counting, steered, cfg.sampling, chunks.wrap(log) if chunks else log, row, generation_chunk_size(cfg, generator.name),
                                "generate", chunk_sampling=chunk_sampling, whole_prompt=True)
     timer.items += pending
     timer.tokens += counting.tokens
@@ -85,7 +92,8 @@ def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Genera
     try:
         work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
         return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),
-                              batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+                              batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                              reference_topk=cfg.store_reference_topk)
     except (ValueError, RuntimeError) as err:
         if isinstance(err, ThinksafeError):
             raise
@@ -105,6 +113,11 @@ def generation_phase(cfg: SynthConfig, prompts: list[PromptRow], work: Path,
         load_start = time.perf_counter()
         owned = generator is None
         generator = generator or make_default_generator(cfg, len(missing))
+        if getattr(generator, "reference_topk", 0) != cfg.store_reference_topk:
+            # vLLM fixes its log-prob count when it loads: a given generator must have been built with k
+            raise ThinksafeError(f"--store-reference-topk {cfg.store_reference_topk}: the generator returns "
+                                 f"top-{getattr(generator, 'reference_topk', 0)}; build it with reference_topk="
+                                 f"{cfg.store_reference_topk}")
         backend, backend_reason = generator.name, generator.reason
         timer.load_s = time.perf_counter() - load_start
         generate_missing(cfg, prompts, generator, log, timer)

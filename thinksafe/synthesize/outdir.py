@@ -10,6 +10,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import atomic_write_json, atomic_write_jsonl, read_json, require_writable_dir, sha256_of_files
+from thinksafe.reference_topk import REFERENCE_TOPK_FILE
 from thinksafe.synthesize.config import (
     MANIFEST,
     OUTPUT_FILES,
@@ -76,6 +77,8 @@ def write_dataset_set(work: Path, rows: list[dict], unfinished_rows: list[dict] 
         files[UNFINISHED_BENIGN_FILE] = sha256_of_files([work / UNFINISHED_BENIGN_FILE])
     else:
         (work / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)  # never a side file older than train.jsonl
+    if (work / REFERENCE_TOPK_FILE).exists():  # written just before, by this run (or removed)
+        files[REFERENCE_TOPK_FILE] = sha256_of_files([work / REFERENCE_TOPK_FILE])
     (work / REJECTED_STATS_FILE).unlink(missing_ok=True)
     atomic_write_json(work / STATS_FILE, {**stats, "files_sha256": files})
 
@@ -94,6 +97,7 @@ def refuse_empty_set(cfg: SynthConfig, work: Path, stats: dict, judged: int) -> 
     else:
         counts_file = work / STATS_FILE
         (work / UNFINISHED_BENIGN_FILE).unlink(missing_ok=True)
+        (work / REFERENCE_TOPK_FILE).unlink(missing_ok=True)
         outcome = "nothing to train on"
     atomic_write_json(counts_file, stats)
     raise ThinksafeError(f"the guard kept 0 of {judged} responses; {outcome} (counts in {counts_file}; "

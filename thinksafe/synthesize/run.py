@@ -17,6 +17,8 @@ from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
 from thinksafe.synthesize.dataset import assemble
 from thinksafe.synthesize.generate import generation_phase
 from thinksafe.synthesize.judge import judging_phase
+from thinksafe.reference_topk import row_key
+from thinksafe.synthesize.reference import kept_references, read_chunks, write_reference_store
 from thinksafe.synthesize.outdir import move_user_files, prepare_out_dir, refuse_empty_set, write_dataset_set
 from thinksafe.synthesize.stats import run_stats
 
@@ -50,11 +52,21 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     generated = generation_phase(cfg, prompts, work, generator)
     judged = judging_phase(cfg, prompts, generated.rows, work, guard)
 
+    prompt_harmful = {(p.instruction, p.label): p.harmful for p in prompts}
     rows, unfinished_rows, counts = assemble(cfg, prompts, generated.rows, judged.verdicts,
                                              keep_rule(judged.guard_name))
+    references = None
+    if cfg.store_reference_topk:
+        kl_rows = [r for r in rows + unfinished_rows if not prompt_harmful[(r["instruction"], r["prompt_label"])]]
+        references = kept_references(generated.rows, {p.id: p.instruction for p in prompts if not p.harmful},
+                                     read_chunks(work, cfg.store_reference_topk), kl_rows)
+        # every benign row should have one; fewer means samples logged without their top-k
+        counts["reference_topk"] = {"k": cfg.store_reference_topk, "rows": len(references),
+                                    "benign_rows": len({row_key(r["instruction"], r["response"]) for r in kl_rows})}
     stats = run_stats(cfg, counts, generated, judged, started)
     if not rows:
         refuse_empty_set(cfg, work, stats, judged.candidates)
+    write_reference_store(work, references, cfg.store_reference_topk, cfg.model.source)
     write_dataset_set(work, rows, unfinished_rows if cfg.keep_unfinished_benign else None, stats)
     if work != cfg.out:
         move_user_files(cfg.out, work)

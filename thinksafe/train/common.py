@@ -15,7 +15,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import atomic_write_json, read_json, require_writable_dir, swap_in
-from thinksafe.registry import RunPaths, parse_positive_int
+from thinksafe.registry import DEFAULT_KL_REFERENCE, RunPaths, parse_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,18 @@ def _short(value) -> str:
     return text[:12] + "..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else repr(value)
 
 
+# Settings added to run records after runs were recorded without them, with the value those runs
+# used: an older record lacking one is read as having it, so a finished run is neither refused nor
+# retrained because the record format grew.
+SETTINGS_ADDED_LATER = {"kl_reference": DEFAULT_KL_REFERENCE}
+
+
 def record_differences(previous: dict | None, record: dict) -> str:
     """'' when the settings match (or the run predates records), else what differs, for one line."""
     if previous is None:
         return ""
-    old, new = previous.get("settings", {}), record["settings"]
+    new = record["settings"]
+    old = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k in new}, **previous.get("settings", {})}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     parts = []
     for key in changed:

@@ -39,8 +39,12 @@ RESPONSE_COLUMNS = ("response",)
 LABEL_COLUMNS = ("prompt_label", "label")
 SAFE_RESPONSE_LABEL = "safe"
 KL_COLUMN = "kl"
+# --kl_reference cached: the base's stored top-k per completion token of a KL row (empty on other rows)
+REFERENCE_COLUMNS = ("ref_ids", "ref_logprobs", "ref_tail")
+REFERENCE_START_COLUMN = "ref_start"  # index of a KL row's first completion token in input_ids
+REFERENCE_DROPS_FILE = "reference_drops.json"  # in a tokenised cache dir: KL rows the store could not serve
 FINISHED_COLUMN = "finished"
-TOKENIZED_VERSION = 2  # bump when the tokenised format changes, so old caches are not reused
+TOKENIZED_VERSION = 3  # bump when the tokenised format changes, so old caches are not reused
 
 logger = logging.getLogger(__name__)
 
@@ -220,17 +224,58 @@ def check_kl_rows(rows: list[TrainRow], name: str) -> None:
                            "(the loss would be 0 and the adapter would never move); add harmful rows or drop --use-kl")
 
 
-def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool) -> dict[str, list]:
-    """Columns input_ids, completion_mask, kl (kl=1 marks benign rows trained with KL instead of CE)."""
+def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, reference: dict | None = None,
+                  dropped: dict | None = None) -> dict[str, list]:
+    """Columns input_ids, completion_mask, kl (kl=1 marks benign rows trained with KL instead of CE).
+
+    With `reference` ({row_key: TopK}, --kl_reference cached) each KL row also gets its stored top-k
+    (REFERENCE_COLUMNS), one entry per completion token. A KL row is dropped (counted in `dropped`)
+    when it has no entry, or when the ids the model generated are not the ids training tokenises its
+    text to (a decoded-and-re-tokenised response may merge tokens): its stored positions would
+    predict other tokens than the ones trained on.
+    """
     from thinksafe.chat import encode_for_training
+    from thinksafe.reference_topk import row_key
 
     columns = {"input_ids": [], "completion_mask": [], KL_COLUMN: []}
+    if reference is not None:
+        columns.update({name: [] for name in (*REFERENCE_COLUMNS, REFERENCE_START_COLUMN)})
     for row in rows:
         encoded = encode_for_training(tokenizer, row.prompt, row.response, family, row.finished)
+        is_kl = use_kl and row.harmful is False
+        if reference is not None:
+            entry = reference.get(row_key(row.prompt, row.response)) if is_kl else None
+            if is_kl:
+                completion = encoded["input_ids"][encoded["completion_mask"].index(1):]
+                reason = ("no_reference" if entry is None else
+                          "tokens_differ" if entry.tokens.tolist() != completion else None)
+                if reason is not None:
+                    if dropped is not None:
+                        dropped[reason] = dropped.get(reason, 0) + 1
+                    continue
+            # where the completion starts: TRL replaces completion_mask by labels, which without
+            # prompt masking no longer say where the prompt ends
+            columns[REFERENCE_START_COLUMN].append(encoded["completion_mask"].index(1) if entry is not None else 0)
+            columns["ref_ids"].append(entry.ids.tolist() if entry is not None else [])
+            columns["ref_logprobs"].append(entry.logprobs.astype("float32").tolist() if entry is not None else [])
+            columns["ref_tail"].append(entry.tail.tolist() if entry is not None else [])
         columns["input_ids"].append(encoded["input_ids"])
         columns["completion_mask"].append(encoded["completion_mask"])
-        columns[KL_COLUMN].append(int(use_kl and row.harmful is False))
+        columns[KL_COLUMN].append(int(is_kl))
     return columns
+
+
+def load_reference(source: str) -> tuple[dict, str]:
+    """({row_key: TopK}, sha256) of the store beside a self-generated train.jsonl (--kl_reference cached)."""
+    from thinksafe.io import sha256_of_files
+    from thinksafe.reference_topk import REFERENCE_TOPK_FILE, read_store
+
+    path = Path(source).with_name(REFERENCE_TOPK_FILE)
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist: --kl_reference cached needs `thinksafe synthesize "
+                           "--store_reference_topk K` (e.g. 256) for this dataset")
+    entries, _k = read_store(path)
+    return entries, sha256_of_files([path])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -243,9 +288,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool) -> str:
+def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool, reference_sha256: str | None = None) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), family_name, use_kl]).encode())
+    digest.update(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), family_name, use_kl]
+                             + ([reference_sha256] if reference_sha256 else [])).encode())
     for row in rows:
         digest.update(json.dumps([row.prompt, row.response, row.harmful, row.finished]).encode())
     return digest.hexdigest()[:24]
@@ -257,29 +303,39 @@ def tokenized_cache_dir() -> Path:
     return cache_dir() / "tokenized"
 
 
-def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, cache_root: Path | None = None):
+def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, cache_root: Path | None = None,
+                        reference: tuple[dict, str] | None = None, dropped: dict | None = None):
     """A datasets.Dataset, tokenised once on the main process and cached by tokenizer + settings + rows.
 
-    Other processes wait (main_process_first) and then load the cached copy from disk.
+    Other processes wait (main_process_first) and then load the cached copy from disk. `reference`:
+    (entries, the store's sha256) from load_reference; KL rows it cannot serve are dropped, logged and
+    counted into `dropped` (kept beside the cached copy, so a run that reuses it reports them too).
     """
     import datasets
     from thinksafe.train.common import distributed_state
 
-    key = cache_key(rows, tokenizer, family.name, use_kl)
+    key = cache_key(rows, tokenizer, family.name, use_kl, reference[1] if reference else None)
     target = (cache_root or tokenized_cache_dir()) / key
     with distributed_state().main_process_first():
         if not (target / "dataset_info.json").exists():
             # Our content key is the fingerprint: Dataset.from_dict would hash the table with dill, which
             # fails on Python 3.12 (pickling pyarrow's MonthDayNano type; found on the H200 image).
-            table = datasets.table.InMemoryTable.from_pydict(tokenize_rows(rows, tokenizer, family, use_kl))
+            drops: dict = {}
+            columns = tokenize_rows(rows, tokenizer, family, use_kl, reference[0] if reference else None, drops)
+            if drops:
+                logger.warning("--kl_reference cached: dropped KL rows %s", drops)
+            table = datasets.table.InMemoryTable.from_pydict(columns)
             dataset = datasets.Dataset(table, fingerprint=key)
             staging = target.with_name(target.name + ".partial")
             dataset.save_to_disk(str(staging))
+            (staging / REFERENCE_DROPS_FILE).write_text(json.dumps(drops))
             if target.exists():
                 import shutil
 
                 shutil.rmtree(target)
             staging.rename(target)
+        if dropped is not None and (target / REFERENCE_DROPS_FILE).exists():
+            dropped.update(json.loads((target / REFERENCE_DROPS_FILE).read_text()))
         return datasets.load_from_disk(str(target))
 
 
@@ -375,6 +431,31 @@ def make_collator(pad_token_id: int):
         def torch_call(self, examples):
             batch = super().torch_call(examples)
             batch[KL_COLUMN] = torch.tensor([int(example.get(KL_COLUMN, 0)) for example in examples], dtype=torch.bool)
+            if REFERENCE_COLUMNS[0] in examples[0]:
+                batch.update(reference_batch(examples, batch["input_ids"].shape[1]))
             return batch
 
     return KLFlagCollator(pad_token_id=pad_token_id)
+
+
+def reference_batch(examples: list[dict], width: int) -> dict:
+    """REFERENCE_COLUMNS as [B, width, k] / [B, width] tensors aligned with input_ids: the j-th stored
+    position sits on the j-th completion token (the one it predicts), so `[:, 1:]` lines them up with
+    the labels as the KL positions are taken. Completions cut by max_length keep their first entries.
+    Rows without entries (CE rows) hold zeros there, never read.
+    """
+    import torch
+
+    k = max((len(e["ref_ids"][0]) for e in examples if e["ref_ids"]), default=1)
+    ids = torch.zeros(len(examples), width, k, dtype=torch.long)
+    logprobs = torch.zeros(len(examples), width, k)
+    tail = torch.zeros(len(examples), width)
+    for row, example in enumerate(examples):
+        if not example["ref_ids"]:
+            continue
+        start = example[REFERENCE_START_COLUMN]
+        length = max(0, min(len(example["ref_ids"]), width - start))
+        ids[row, start:start + length] = torch.tensor(example["ref_ids"][:length])
+        logprobs[row, start:start + length] = torch.tensor(example["ref_logprobs"][:length])
+        tail[row, start:start + length] = torch.tensor(example["ref_tail"][:length])
+    return {"ref_ids": ids, "ref_logprobs": logprobs, "ref_tail": tail}

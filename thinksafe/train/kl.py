@@ -15,7 +15,7 @@ import torch
 from trl import SFTTrainer
 
 from thinksafe.registry import KL_WEIGHTINGS, ROW_WEIGHTING
-from thinksafe.train.data import KL_COLUMN
+from thinksafe.train.data import KL_COLUMN, REFERENCE_COLUMNS
 
 IGNORE_INDEX = -100
 FORWARD_KL_BETA = 0.0  # ChunkedDivergenceFunction: beta 0 = KL(teacher ‖ student)
@@ -45,6 +45,65 @@ def forward_kl_per_token(student_hidden: torch.Tensor, student_head, teacher_hid
         logit_scale, softcap, logit_scale, softcap,
     )
     return divergence
+
+
+# Tokens per tile of the cached KL: a [tile, V] fp32 logit block (about 600 MB at Qwen's 152k vocabulary
+# and 1024 tokens) is the largest thing it builds, recomputed in the backward instead of kept.
+CACHED_KL_TILE = 1024
+
+
+def topk_tail_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
+                 ref_tail: torch.Tensor) -> torch.Tensor:
+    """[n] KL(p_base ‖ p_model) over the base's top-k tokens plus one bucket for the rest of the vocabulary.
+
+    logits: [n, V] the model's logits; ref_ids / ref_logprobs: [n, k] the base's top-k token ids and
+    their log-probabilities (temperature 1); ref_tail: [n] the base's mass outside them. This is the
+    exact KL between the two distributions coarsened to k+1 outcomes, so it never exceeds the full
+    one (data processing inequality); what it misses is tail · KL(base tail shape ‖ model tail shape).
+    Its gradient in the logits is q - p on the top-k and q - tail·q/Q_tail elsewhere.
+    """
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    model_top = logits.gather(1, ref_ids) - log_z[:, None]
+    # The model's tail from its own tail logits, not 1 - Σ top-k: no cancellation when the top-k hold
+    # nearly all of the mass. The top-k are masked with the lowest finite value, not -inf: with an
+    # empty tail (k = V) that keeps 0 · log Q_tail at 0, and its gradient finite.
+    masked = logits.scatter(1, ref_ids, torch.finfo(logits.dtype).min)
+    model_tail = torch.logsumexp(masked, dim=-1) - log_z
+    base_top = ref_logprobs.float()
+    tail = ref_tail.float()
+    top = (base_top.exp() * (base_top - model_top)).sum(-1)
+    return top + torch.xlogy(tail, tail) - tail * model_tail
+
+
+def _tile_kl(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, softcap):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return topk_tail_kl(logits, ref_ids, ref_logprobs, ref_tail)
+
+
+def cached_kl_per_token(student_hidden: torch.Tensor, student_head, ref_ids: torch.Tensor,
+                        ref_logprobs: torch.Tensor, ref_tail: torch.Tensor, logit_scale: float = 1.0,
+                        softcap: float | None = None, tile: int = CACHED_KL_TILE) -> torch.Tensor:
+    """KL(base ‖ model) per token against the base's top-k stored at synthesis: no reference forward.
+
+    student_hidden: [N, H] at the N loss positions; ref_*: [N, k], [N, k], [N] (thinksafe.reference_topk).
+    Each tile of tokens is checkpointed, so only [tile, V] logits exist at any time, forward or backward.
+    Returns [N] float32 (topk_tail_kl); the gradient flows to `student_hidden` and a trainable head.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    weight, bias = _head_params(student_head)
+    ref_ids = ref_ids.to(student_hidden.device, torch.long)
+    pieces = []
+    for start in range(0, student_hidden.size(0), tile):
+        part = slice(start, start + tile)
+        pieces.append(checkpoint(_tile_kl, student_hidden[part], weight, bias, ref_ids[part],
+                                 ref_logprobs[part].to(student_hidden.device),
+                                 ref_tail[part].to(student_hidden.device), logit_scale, softcap,
+                                 use_reentrant=False))
+    return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
 def row_means_sum(token_losses: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
@@ -166,10 +225,22 @@ class KLSFTTrainer(SFTTrainer):
             hidden = backbone(**sub, use_cache=False).last_hidden_state
         return hidden, head
 
-    def _kl_tokens(self, model, student_hidden, teacher_hidden, teacher_head, kl_positions) -> torch.Tensor:
-        """[N] KL(base ‖ model) at the N loss positions of the KL rows (row-major order)."""
+    def _kl_tokens(self, model, student_hidden, teacher_hidden, teacher_head, kl_positions,
+                   reference: dict | None = None) -> torch.Tensor:
+        """[N] KL(base ‖ model) at the N loss positions of the KL rows (row-major order).
+
+        `reference` (the batch's REFERENCE_COLUMNS, KL rows only): the base's stored top-k replace the
+        teacher's hidden states (--kl_reference cached).
+        """
         lm = causal_lm(self.accelerator.unwrap_model(model))
         config = lm.config.get_text_config()
+        if reference is not None:
+            return cached_kl_per_token(
+                student_hidden[:, :-1][kl_positions], lm.get_output_embeddings(),
+                *(reference[name][:, 1:][kl_positions] for name in REFERENCE_COLUMNS),
+                logit_scale=getattr(config, "logit_scale", None) or 1.0,
+                softcap=getattr(config, "final_logit_softcapping", None),
+            )
         return forward_kl_per_token(
             student_hidden[:, :-1][kl_positions],
             lm.get_output_embeddings(),
@@ -183,12 +254,17 @@ class KLSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kl_rows = inputs.pop(KL_COLUMN, None)
+        reference = {name: inputs.pop(name) for name in REFERENCE_COLUMNS if name in inputs} or None
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         kl_rows = (torch.zeros(len(labels), dtype=torch.bool) if kl_rows is None else kl_rows).to(labels.device)
         has_kl = bool(kl_rows.any())
         ce_labels = labels.masked_fill(kl_rows[:, None], IGNORE_INDEX)
-        teacher_hidden, teacher_head = self._reference_hidden(model, inputs, kl_rows) if has_kl else (None, None)
+        # With the stored reference there is no teacher forward at all: that is its whole point.
+        teacher_hidden, teacher_head = (self._reference_hidden(model, inputs, kl_rows) if has_kl and reference is None
+                                        else (None, None))
+        if reference is not None:
+            reference = {name: value.to(labels.device)[kl_rows] for name, value in reference.items()}
 
         with capture_output(self._backbone(model)) as backbone_out, \
                 capture_output(self.accelerator.unwrap_model(model)) as lm_out:
@@ -197,7 +273,7 @@ class KLSFTTrainer(SFTTrainer):
         ce_positions = ce_labels[:, 1:] != IGNORE_INDEX
         kl_positions = (labels[:, 1:] != IGNORE_INDEX) & kl_rows[:, None]
         kl_tokens = (self._kl_tokens(model, last_hidden_state(backbone_out["output"])[kl_rows], teacher_hidden,
-                                     teacher_head, kl_positions[kl_rows])
+                                     teacher_head, kl_positions[kl_rows], reference)
                      if has_kl else ce_tokens.new_zeros(0))
 
         if self.weighting == ROW_WEIGHTING:

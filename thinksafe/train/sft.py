@@ -33,7 +33,7 @@ PROG = "thinksafe train"
 # checkpointing only change how it is computed, so a resume on other hardware may change them.
 CONTENT_SETTINGS = {
     "model": ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "num_train_epochs", "max_steps",
+    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "num_train_epochs", "max_steps",
             "learning_rate", "effective_batch_size", "max_length", "warmup_steps", "lr_scheduler_type",
             "max_grad_norm", "seed"),
 }
@@ -48,7 +48,7 @@ def run_config(model_cfg: ThinkSafeModelConfig, run: RunArguments, sft: ThinkSaf
     spec = resolve_model(model_cfg.model_name_or_path, model_cfg.size, model_type=model_cfg.model_type)
     return RunConfig(model=spec, dataset=run.dataset, prompt_masking=sft.completion_only_loss, rank=model_cfg.lora_r,
                      use_kl=sft.use_kl, epochs=int(sft.num_train_epochs), kl_on_unfinished=sft.kl_on_unfinished,
-                     kl_weighting=sft.kl_weighting, max_steps=sft.max_steps if sft.max_steps > 0 else None)
+                     kl_weighting=sft.kl_weighting, kl_reference=sft.kl_reference, max_steps=sft.max_steps if sft.max_steps > 0 else None)
 
 
 def content_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -> dict:
@@ -67,7 +67,7 @@ def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
-    from thinksafe.train.data import build_train_dataset, make_collator, read_train_rows
+    from thinksafe.train.data import build_train_dataset, dataset_source, load_reference, make_collator, read_train_rows
     from thinksafe.train.kl import KLSFTTrainer
 
     started = time.time()
@@ -86,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     place_trainer(sft, work)
     tokenizer = load_tokenizer(spec.source)
-    dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl)
+    reference = None
+    if sft.use_kl and sft.kl_reference == "cached":
+        if data.spec.kind != "self":
+            raise TrainConfigError("--kl_reference cached needs a self-generated dataset (thinksafe[-<guard>]): "
+                                   "the base's top-k are stored while it writes the data")
+        reference = load_reference(dataset_source(run.dataset, spec)[1])
+    reference_drops: dict = {}
+    dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl, reference=reference,
+                                  dropped=reference_drops)
     n_kl = sum(dataset["kl"])
     logger.info("%s: %d rows (%d benign rows on KL), run %s", run.dataset, len(dataset), n_kl, paths.name)
     truncated = rows_over_max_length(dataset, sft.max_length)
@@ -110,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "dataset_kind": data.spec.kind, "dataset_sha256": data.sha256, "rows": len(dataset),
         "dropped_unclosed": data.dropped_unclosed, "truncated_rows": truncated, "max_length": sft.max_length,
         "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
-        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None, "prompt_masking": cfg.prompt_masking,
+        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
+        "kl_reference": cfg.kl_reference if cfg.use_kl else None,
+        # cached: the KL rows that had a stored top-k matching their tokens, and why the others were dropped
+        **({"kl_reference_rows": {"used": n_kl, "dropped": reference_drops}} if reference is not None else {}),
+        "prompt_masking": cfg.prompt_masking,
         "use_kl": cfg.use_kl, "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
         "effective_batch_size": sft.effective_batch_size, "learning_rate": sft.learning_rate,
