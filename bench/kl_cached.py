@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from thinksafe.reference_topk import TopK, topk_from_logits  # noqa: E402
+from thinksafe.reference_topk import TopK  # noqa: E402
 from thinksafe.train.kl import cached_kl_per_token  # noqa: E402
 
 # k = 20 is vLLM's default limit (max_logprobs) and issue 20's starting point; 256 x (int32 + fp16)

@@ -15,7 +15,7 @@ from typing import Literal
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from thinksafe.config.parse import ConfigError
-from thinksafe.registry import MAX_LORA_RANK
+from thinksafe.registry import DEFAULT_KL_REFERENCE, DEFAULT_KL_WEIGHTING, MAX_LORA_RANK
 from thinksafe.tracking import REPORT_CHOICES
 
 
@@ -111,9 +111,9 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
         "--use-kl", help="benign rows: forward KL(base || model) instead of cross-entropy"))
     kl_on_unfinished: bool = field(default=False, metadata={
         "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
-    kl_weighting: Literal["row", "token"] = field(default="row", metadata={
+    kl_weighting: Literal["row", "token"] = field(default=DEFAULT_KL_WEIGHTING, metadata={
         "help": "with use_kl: 'row' (the paper's: mean over rows of each row's per-token mean) or 'token'"})
-    kl_reference: Literal["forward", "cached"] = field(default="forward", metadata={
+    kl_reference: Literal["forward", "cached"] = field(default=DEFAULT_KL_REFERENCE, metadata={
         "help": "with use_kl: the base's distribution from a reference forward each step ('forward', exact) or "
                 "from the top-k stored at synthesis (`synthesize --store_reference_topk K`; 'cached': no "
                 "reference forward, KL over the top-k plus one tail bucket)"})
@@ -134,7 +134,7 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
     def __post_init__(self):
         if not self.use_kl:
             # KL options mean nothing without KL
-            self.kl_on_unfinished, self.kl_weighting, self.kl_reference = False, "row", "forward"
+            self.kl_on_unfinished, self.kl_weighting, self.kl_reference = False, DEFAULT_KL_WEIGHTING, DEFAULT_KL_REFERENCE
         if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
             raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
         self.check_and_place()

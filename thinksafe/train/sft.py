@@ -67,7 +67,7 @@ def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
-    from thinksafe.train.data import build_train_dataset, dataset_source, load_reference, make_collator, read_train_rows
+    from thinksafe.train.data import build_train_dataset, make_collator, read_train_rows
     from thinksafe.train.kl import KLSFTTrainer
 
     started = time.time()
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     spec, paths = cfg.model, run_paths(cfg)
     check_model_source(spec.source)
     data = read_train_rows(run.dataset, spec, sft.use_kl, kl_on_unfinished=sft.kl_on_unfinished)
+    reference = cached_reference(sft, data, run.dataset, spec)
     distributed_state(sft.target_device)  # before anything asks which process is the main one
     work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, data), run.skip_finished)
     if work is None:
@@ -86,12 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     place_trainer(sft, work)
     tokenizer = load_tokenizer(spec.source)
-    reference = None
-    if sft.use_kl and sft.kl_reference == "cached":
-        if data.spec.kind != "self":
-            raise TrainConfigError("--kl_reference cached needs a self-generated dataset (thinksafe[-<guard>]): "
-                                   "the base's top-k are stored while it writes the data")
-        reference = load_reference(dataset_source(run.dataset, spec)[1])
     reference_drops: dict = {}
     dataset = build_train_dataset(data.rows, tokenizer, spec.family, sft.use_kl, reference=reference,
                                   dropped=reference_drops)
@@ -113,27 +108,44 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    info = {
-        "run": paths.name, "family": spec.family.name, "model": spec.source, "dataset": run.dataset,
-        "dataset_kind": data.spec.kind, "dataset_sha256": data.sha256, "rows": len(dataset),
-        "dropped_unclosed": data.dropped_unclosed, "truncated_rows": truncated, "max_length": sft.max_length,
-        "kl_rows": n_kl, "kl_on_unfinished": cfg.kl_on_unfinished,
-        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
-        "kl_reference": cfg.kl_reference if cfg.use_kl else None,
-        # cached: the KL rows that had a stored top-k matching their tokens, and why the others were dropped
-        **({"kl_reference_rows": {"used": n_kl, "dropped": reference_drops}} if reference is not None else {}),
-        "prompt_masking": cfg.prompt_masking,
-        "use_kl": cfg.use_kl, "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
-        "effective_batch_size": sft.effective_batch_size, "learning_rate": sft.learning_rate,
-        "processes": trainer.accelerator.num_processes, "per_device_batch_size": sft.per_device_train_batch_size,
-        "gradient_accumulation_steps": sft.gradient_accumulation_steps, "paths": paths.to_dict(),
-    }
+    counts = {"rows": len(dataset), "kl_rows": n_kl, "truncated_rows": truncated,
+              # cached: the KL rows that had a stored top-k matching their tokens, and why the others were dropped
+              **({"kl_reference_rows": {"used": n_kl, "dropped": reference_drops}} if reference is not None else {})}
+    info = run_info(cfg, model_cfg, run, sft, data, paths, counts, checkpoint, trainer.accelerator.num_processes)
     info = finish_run(trainer, tokenizer, work, info, started, full_model=not model_cfg.use_peft, final=paths)
     metrics = summary_metrics(info["log_history"])
     print(f"trained {paths.name} in {info['seconds']:.0f} s: loss {metrics.get('train_loss', float('nan')):.4f}; "
           f"saved {info['saved']}")
     return 0
+
+
+def cached_reference(sft: ThinkSafeSFTConfig, data, dataset: str, spec):
+    """--kl_reference cached: the base model's top-k stored at synthesis (None: the exact forward KL)."""
+    from thinksafe.train.data import dataset_source, load_reference
+
+    if not (sft.use_kl and sft.kl_reference == "cached"):
+        return None
+    if data.spec.kind != "self":
+        raise TrainConfigError("--kl_reference cached needs a self-generated dataset (thinksafe[-<guard>]): "
+                               "the base's top-k are stored while it writes the data")
+    return load_reference(dataset_source(dataset, spec)[1])
+
+
+def run_info(cfg: RunConfig, model_cfg, run: RunArguments, sft, data, paths, counts: dict, checkpoint,
+             processes: int) -> dict:
+    """run_info.json (written last: a finished run) before finish_run adds timings and the log."""
+    return {
+        "run": paths.name, "family": cfg.model.family.name, "model": cfg.model.source, "dataset": run.dataset,
+        "dataset_kind": data.spec.kind, "dataset_sha256": data.sha256, "dropped_unclosed": data.dropped_unclosed,
+        "max_length": sft.max_length, **counts, "kl_on_unfinished": cfg.kl_on_unfinished,
+        "kl_weighting": cfg.kl_weighting if cfg.use_kl else None,
+        "kl_reference": cfg.kl_reference if cfg.use_kl else None, "prompt_masking": cfg.prompt_masking,
+        "use_kl": cfg.use_kl, "rank": cfg.rank, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
+        "effective_batch_size": sft.effective_batch_size, "learning_rate": sft.learning_rate,
+        "processes": processes, "per_device_batch_size": sft.per_device_train_batch_size,
+        "gradient_accumulation_steps": sft.gradient_accumulation_steps, "paths": paths.to_dict(),
+    }
 
 
 def rows_over_max_length(dataset, max_length: int | None) -> int:
