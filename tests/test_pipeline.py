@@ -57,8 +57,12 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     evaluate = recipe_values("demo", "evaluate")
     assert [t.name for t, _ in results] == evaluate["tasks"] * 2  # the trained run, then the base model
     assert {t.run_name for t, _ in results} == {plan["run_name"], plan["base_run_name"]}
-    extra = results[0][0].extra
-    assert flag(extra, "--n") == str(evaluate["n"]) and flag(extra, "--limit") == str(evaluate["limit"])
+    from thinksafe.evaluate.run import parse_args as evaluate_args
+
+    task = results[0][0]
+    args = evaluate_args(["--model", task.model, "--tasks", task.name, "--run-name", task.run_name, *task.extra])
+    assert (args.n, args.limit, args.data) == (evaluate["n"], evaluate["limit"], evaluate["data"])
+    assert args.tasks == task.name  # the pipeline's one task, over the recipe's list
 
 
 def run_name_of(model_cfg, run, trained) -> str:

@@ -24,7 +24,6 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     StepFailed,
     Task,
     device_env,
-    options_to_flags,
     run_step,
     run_tasks_on_devices,
     thinksafe_cmd,
@@ -101,7 +100,7 @@ def merge(plan: dict) -> None:
 
 def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
     names = evaluation_tasks(plan["model_type"])
-    extra = options_to_flags(recipe_values(plan["model_type"], "evaluate"), skip=("tasks",))
+    extra = ["--config", str(write_run_plan(plan))]
     model_arg = f"{plan['model_type']}/{plan['size']}"
     tasks: list[Task] = []
     if include_trained:

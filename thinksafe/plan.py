@@ -147,7 +147,11 @@ def record(family: str, model_cfg, run, sft) -> dict:
 
     sft_section = {"model_name_or_path": model_cfg.model_name_or_path, "size": model_cfg.size,
                    "dataset": run.dataset, **content_settings(model_cfg, sft)}
-    return {"family": family, "sft": sft_section}
+    from thinksafe.config import recipe_values
+
+    # evaluate reads no family recipe itself (a model dir's family is known from its record): it gets
+    # the family's evaluation settings here; the pipeline gives each task its own --tasks.
+    return {"family": family, "sft": sft_section, "evaluate": recipe_values(family, "evaluate")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,22 +19,6 @@ class StepFailed(ThinksafeError):
     pass
 
 
-def options_to_flags(options: dict, skip: tuple[str, ...] = ()) -> list[str]:
-    """{'samples_per_prompt': 4, 'debug': True} -> ['--samples-per-prompt', '4', '--debug']."""
-    flags: list[str] = []
-    for key, value in options.items():
-        if key in skip or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif isinstance(value, (list, tuple)):
-            flags += [flag, ",".join(map(str, value))]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
 def thinksafe_cmd(stage: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "thinksafe", stage, *args]
 

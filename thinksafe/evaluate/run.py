@@ -15,15 +15,13 @@ task, reuse of finished results), `generate` (resumable generation), `score` (me
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
-from thinksafe.evaluate.generate import DEFAULT_CHUNK, generate_job, generated_rows
+from thinksafe.evaluate.generate import generate_job, generated_rows
 from thinksafe.evaluate.jobs import Job, generation_work, plan_jobs, select_todo
 from thinksafe.evaluate.models import (
     EvalModel,
-    EvaluateError,
     choose_backend,
     make_policy_generator,
     resolve_eval_model,
@@ -37,14 +35,12 @@ from thinksafe.evaluate.score import (
     score_safety,
     write_results,
 )
-from thinksafe.evaluate.tasks import DATA_SOURCES
 from thinksafe.io import require_writable_dir
 from thinksafe.models import free_accelerator_memory
-from thinksafe.registry import FAMILIES, paths_for_name
+from thinksafe.registry import paths_for_name
 
 logger = logging.getLogger(__name__)
 
-REASONING_BACKENDS = ("auto", "builtin", "skythought")
 
 
 def evaluate(args) -> list[dict]:
@@ -114,55 +110,16 @@ def format_result(m: dict) -> str:
             f"{m['wall_time_s']:.0f} s{note})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from thinksafe.evaluate.tasks import GROUP_NAMES, list_tasks
-    from thinksafe.tracking import REPORT_CHOICES
+def parse_args(argv: list[str] | None):
+    """Flags over --config (a recipe, or the pipeline's run record with its `evaluate` section)."""
+    from thinksafe.config import parse_stage
+    from thinksafe.config.evaluation import EvaluationArguments
 
-    p = argparse.ArgumentParser(prog="thinksafe evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True,
-                   help="merged model dir, LoRA adapter dir, hub id, model_type/size (qwen/0.6B) or demo")
-    p.add_argument("--tasks", required=True,
-                   help=f"comma list of: {', '.join(list_tasks())}; or a group: {', '.join(GROUP_NAMES)}")
-    p.add_argument("--run-name", default=None,
-                   help="results/<run-name>/ (default: the model dir's training run record, or <slug>_base)")
-    p.add_argument("--model-type", choices=tuple(FAMILIES), default=None,
-                   help="the model's family (default: the training run record, or the registry for a hub id; "
-                        "needed for a model dir outside a training run)")
-    p.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
-                   help="auto: vLLM when installed with a GPU, else transformers")
-    p.add_argument("--reasoning-backend", choices=REASONING_BACKENDS, default="auto",
-                   help="auto: SkyThought for reasoning tasks when installed and the backend is vLLM")
-    p.add_argument("--data", choices=DATA_SOURCES, default="auto",
-                   help="hub (full benchmarks) or bundled (eval/ subsets); auto = bundled for the demo model")
-    p.add_argument("--data-file", action="append", default=None, metavar="TASK=PATH",
-                   help="a local .jsonl/.json for a task (repeatable); needed for gated sets without access")
-    p.add_argument("--limit", type=int, default=None, help="use N items per task, spread evenly over the set")
-    p.add_argument("--n", type=int, default=None, help="samples per prompt (default: the task file: 8 reasoning, 1 safety)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task file (32768 / 16384)")
-    p.add_argument("--temperature", type=float, default=None, help="default: the model family's")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    p.add_argument("--guard", default=None,
-                   help="judge of harmful-rate tasks (default: the task's, llama-guard-3; the demo: refusal-judge)")
-    p.add_argument("--refusal-guard", default=None,
-                   help="judge of refusal tasks: XSTest, held-out harmful (default: wildguard / refusal-judge)")
-    p.add_argument("--device", default=None, help="transformers device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="transformers generation batch size")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help=f"prompts per resumable chunk (default {DEFAULT_CHUNK})")
-    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vLLM / SkyThought")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM / SkyThought, policy and guard (lower it if the guard does not fit after the policy)")
-    p.add_argument("--overwrite", action="store_true", help="delete this run's results for the tasks and redo them")
-    p.add_argument("--rescore", action="store_true", help="re-judge existing generations (e.g. with another guard)")
-    p.add_argument("--report-to", choices=REPORT_CHOICES, default="auto", help="wandb mode (default auto)")
-    return p
+    (args,) = parse_stage("evaluate", (EvaluationArguments,), argv, None, "thinksafe evaluate")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("limit", "n", "max_new_tokens", "batch_size", "chunk_size", "tensor_parallel_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise EvaluateError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for metrics in evaluate(args):
+    for metrics in evaluate(parse_args(argv)):
         print(format_result(metrics))
     return 0
