@@ -152,3 +152,15 @@ def test_prompt_labels():
     for bad in ("unsafe", "", "harmful_benign"):
         with pytest.raises(RegistryError, match="unknown prompt label"):
             is_harmful_label(bad)
+
+
+def test_a_directory_family_is_guessed_from_its_own_name_not_its_folders(tmp_path):
+    from thinksafe.registry import family_for_model
+
+    qwen = tmp_path / "deepseek-r1-study" / "my-qwen3-run"
+    qwen.mkdir(parents=True)
+    assert family_for_model(str(qwen)).name == "qwen"  # the folder above says R1; the model is not
+    r1 = tmp_path / "plain" / "DeepSeek-R1-Distill-Qwen-1.5B"
+    r1.mkdir(parents=True)
+    assert family_for_model(str(r1)).name == "r1-distill"
+    assert family_for_model("deepseek-ai/DeepSeek-R1-Distill-Llama-8B").name == "r1-distill"  # a hub id: its name

@@ -143,10 +143,13 @@ def get_family(model_type: str) -> Family:
 
 
 def family_for_model(model: str) -> Family:
-    """Guess the family of an arbitrary hub id or directory (used when no model_type is given)."""
+    """Guess the family of an arbitrary hub id or directory from its own name (used when no
+    model_type is given): a directory's parent folders say nothing about the model in it (a Qwen3
+    under `deepseek-r1-study/` is a Qwen3). A thinksafe run's adapter or merged model is read from
+    its run record instead (thinksafe/evaluate/models.py); --model-type overrides every guess."""
     if model == "demo":
         return FAMILIES["demo"]
-    name = model.lower()
+    name = (Path(model).name if Path(model).exists() else model).lower()
     if "r1-distill" in name or "deepseek-r1" in name:
         return FAMILIES["r1-distill"]
     if "smollm" in name:
