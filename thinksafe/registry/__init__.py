@@ -1,0 +1,115 @@
+"""The one registry: model families, hub ids, sampling defaults, dataset names, run names and paths.
+
+families.py (families, sampling, models), datasets.py (dataset names, prompt labels), runs.py (run
+names, output paths), parsing.py (the scripts' true/false and integer values); everything is
+imported from `thinksafe.registry`.
+
+Every stage and every script derives ids and output paths from here. The paper's code built the
+output path twice (training and evaluation) and the two disagreed on the epoch suffix; here there
+is exactly one `run_paths` and the tests check that every stage calls it.
+"""
+
+from __future__ import annotations
+
+from thinksafe.registry.families import (  # noqa: F401
+    EVAL_MAX_NEW_TOKENS,
+    FAMILIES,
+    Family,
+    MODEL_TYPES,
+    ModelSpec,
+    RegistryError,
+    SYNTH_MAX_NEW_TOKENS,
+    Sampling,
+    _QWEN3_SIZES,
+    _R1_LLAMA_SIZES,
+    _R1_QWEN_SIZES,
+    _slugify,
+    family_for_model,
+    get_family,
+    resolve_model,
+)
+from thinksafe.registry.datasets import (  # noqa: F401
+    BENIGN,
+    DATASETS,
+    DEFAULT_GUARD,
+    DatasetSpec,
+    HARMFUL,
+    PROMPT_SOURCES,
+    SELF_GENERATED,
+    _PUBLISHED_ORG,
+    is_harmful_label,
+    resolve_dataset,
+)
+from thinksafe.registry.runs import (  # noqa: F401
+    DEFAULT_KL_REFERENCE,
+    DEFAULT_KL_WEIGHTING,
+    KL_REFERENCES,
+    KL_WEIGHTINGS,
+    MAX_LORA_RANK,
+    ROW_WEIGHTING,
+    RunConfig,
+    RunPaths,
+    SYNTH_STATS_FILE,
+    SYNTH_TRAIN_FILE,
+    SYNTH_UNFINISHED_BENIGN_FILE,
+    TOKEN_WEIGHTING,
+    base_paths,
+    base_run_name,
+    check_lora_rank,
+    grpo_run_name,
+    output_root,
+    paths_for_name,
+    results_root,
+    run_name,
+    run_paths,
+    synthesized_data_dir,
+)
+from thinksafe.registry.parsing import (  # noqa: F401
+    parse_bool,
+    parse_positive_int,
+)
+
+
+def __getattr__(name: str):
+    """GUARDS (named guard -> hub id) and REFUSAL_JUDGE still import from here; they are read from
+    thinksafe.guards (the one list of guards) on first use, since thinksafe.guards imports this module."""
+    if name in ("GUARDS", "REFUSAL_JUDGE"):
+        import thinksafe.guards
+
+        return getattr(thinksafe.guards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_GUARD",
+    "EVAL_MAX_NEW_TOKENS",
+    "FAMILIES",
+    "MAX_LORA_RANK",
+    "MODEL_TYPES",
+    "SELF_GENERATED",
+    "SYNTH_MAX_NEW_TOKENS",
+    "DatasetSpec",
+    "Family",
+    "ModelSpec",
+    "RegistryError",
+    "RunConfig",
+    "RunPaths",
+    "Sampling",
+    "base_paths",
+    "base_run_name",
+    "check_lora_rank",
+    "family_for_model",
+    "get_family",
+    "grpo_run_name",
+    "output_root",
+    "parse_bool",
+    "parse_positive_int",
+    "paths_for_name",
+    "resolve_dataset",
+    "resolve_model",
+    "results_root",
+    "run_name",
+    "run_paths",
+    "synthesized_data_dir",
+]
