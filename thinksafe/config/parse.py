@@ -2,8 +2,8 @@
 explicit `--config` file (a recipe or a run record), then the command line.
 
 Recipes live in configs/recipes/<family>/<stage>.yaml and hold only a family's departures from the
-defaults; keys are the dataclass field names (TRL's own for trainer settings). A run record (written
-by `thinksafe plan --write-record`) holds one mapping per stage; a stage reads its own.
+defaults; keys are the dataclass field names (TRL's own for trainer settings). A run record (the
+pipeline's `runs/<run>/run_plan.yaml`) holds one mapping per stage; a stage reads its own.
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def parse_stage(stage: str, types: tuple, argv: list[str] | None, family: str | 
     """Parse `argv` into instances of `types` (dataclasses) with the family's recipe for `stage`."""
     from trl import TrlParser
 
-    argv = list(argv) if argv is not None else []
-    config = peek(argv, "config")["config"]
     class OneLineParser(TrlParser):
         def error(self, message):  # argparse prints usage + message and exits; ours is one line, exit 2
             raise ConfigError(message)
 
+    argv = list(argv) if argv is not None else []
+    config = peek(argv, "config")["config"]
     parser = OneLineParser(types, prog=prog)
     parser.add_argument("--config", help="a recipe or run record (YAML) laid over the family's recipe")
     source = config or (str(recipe_path(family, stage)) if family else "recipe")

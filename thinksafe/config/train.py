@@ -19,7 +19,6 @@ from thinksafe.registry import DEFAULT_KL_REFERENCE, DEFAULT_KL_WEIGHTING, MAX_L
 from thinksafe.tracking import REPORT_CHOICES
 
 
-
 def _alias(*flags: str, help: str = "") -> dict:
     return {"aliases": list(flags), "help": help}
 
@@ -68,8 +67,7 @@ class RunArguments:
 class _ThinkSafeTrainerMixin:
     """Fields SFT and GRPO share, and the checks that must come before a model loads."""
 
-    effective_batch_size: int = field(default=8, metadata=_alias(
-        "--effective-batch-size", help="sequences per optimizer step over all processes"))
+    effective_batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step over all processes"})
     report_to: str = field(default="auto", metadata={
         "choices": REPORT_CHOICES, "help": "wandb when logged in (auto), offline, or none; never prompts"})
     # not `device`: TrainingArguments.device is the torch device it sets up
@@ -107,8 +105,7 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
     """LoRA-SFT on (prompt, safe response) rows; benign rows optionally on forward KL to the base."""
 
     # ThinkSafe's options
-    use_kl: bool = field(default=False, metadata=_alias(
-        "--use-kl", help="benign rows: forward KL(base || model) instead of cross-entropy"))
+    use_kl: bool = field(default=False, metadata={"help": "benign rows: forward KL(base || model) instead of cross-entropy"})
     kl_on_unfinished: bool = field(default=False, metadata={
         "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
     kl_weighting: Literal["row", "token"] = field(default=DEFAULT_KL_WEIGHTING, metadata={
@@ -147,8 +144,8 @@ class ThinkSafeGRPOConfig(_ThinkSafeTrainerMixin, GRPOConfig):
 
     num_train_epochs: float = field(default=1.0, metadata=_alias("--epochs"))
     learning_rate: float = 1e-5
-    effective_batch_size: int = field(default=64, metadata=_alias(
-        "--effective-batch-size", help="completions per optimizer step (8 prompts x 8 generations)"))
+    effective_batch_size: int = field(default=64, metadata={
+        "help": "completions per optimizer step (8 prompts x 8 generations)"})
     per_device_train_batch_size: int = field(default=1, metadata=_alias("--per-device-batch-size"))
     beta: float = 0.04
     max_prompt_length: int = field(default=1024, metadata={"help": "longer prompts are dropped (counted), never cut"})

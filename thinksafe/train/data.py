@@ -303,6 +303,15 @@ def tokenized_cache_dir() -> Path:
     return cache_dir() / "tokenized"
 
 
+def fingerprinted_dataset(columns: dict, fingerprint: str):
+    """A datasets.Dataset with our own content key as its fingerprint: Dataset.from_dict would hash the
+    table with dill, which fails on Python 3.12 (pickling pyarrow's MonthDayNano type; found on the
+    H200 image)."""
+    import datasets
+
+    return datasets.Dataset(datasets.table.InMemoryTable.from_pydict(columns), fingerprint=fingerprint)
+
+
 def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, cache_root: Path | None = None,
                         reference: tuple[dict, str] | None = None, dropped: dict | None = None):
     """A datasets.Dataset, tokenised once on the main process and cached by tokenizer + settings + rows.
@@ -318,14 +327,11 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
     target = (cache_root or tokenized_cache_dir()) / key
     with distributed_state().main_process_first():
         if not (target / "dataset_info.json").exists():
-            # Our content key is the fingerprint: Dataset.from_dict would hash the table with dill, which
-            # fails on Python 3.12 (pickling pyarrow's MonthDayNano type; found on the H200 image).
             drops: dict = {}
             columns = tokenize_rows(rows, tokenizer, family, use_kl, reference[0] if reference else None, drops)
             if drops:
                 logger.warning("--kl_reference cached: dropped KL rows %s", drops)
-            table = datasets.table.InMemoryTable.from_pydict(columns)
-            dataset = datasets.Dataset(table, fingerprint=key)
+            dataset = fingerprinted_dataset(columns, key)
             staging = target.with_name(target.name + ".partial")
             dataset.save_to_disk(str(staging))
             (staging / REFERENCE_DROPS_FILE).write_text(json.dumps(drops))

@@ -3,6 +3,8 @@ and counted, the completion budget capped to the policy server's context."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 from thinksafe.train.common import TrainConfigError
@@ -39,9 +41,8 @@ def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
 
 def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length: int):
     """datasets.Dataset with `prompt` (one user message) and `instruction`; prompts over the limit dropped."""
-    from datasets import Dataset
-
     from thinksafe.chat import generation_prompt_ids
+    from thinksafe.train.data import fingerprinted_dataset
 
     rows = {"prompt": [], "instruction": []}
     dropped = 0
@@ -55,15 +56,8 @@ def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length
         raise TrainConfigError(f"every prompt is longer than --max-prompt-length {max_prompt_length} tokens")
     if dropped:
         logger.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(instructions), max_prompt_length)
-    # Our own fingerprint: Dataset.from_dict hashes the table with dill, which fails on Python 3.12
-    # (the GPU image's) for pyarrow's MonthDayNano type, as in train/data.py.
-    import hashlib
-    import json
-
-    from datasets.table import InMemoryTable
-
     key = hashlib.sha256(json.dumps(rows["instruction"]).encode()).hexdigest()[:16]
-    return Dataset(InMemoryTable.from_pydict(rows), fingerprint=f"thinksafe-grpo-{key}"), dropped
+    return fingerprinted_dataset(rows, f"thinksafe-grpo-{key}"), dropped
 
 
 def capped_completion_length(requested: int, max_prompt_length: int, server_max_model_len: int | None) -> int:
