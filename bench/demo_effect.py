@@ -9,6 +9,10 @@ StrongREJECT subsets (other sources; the refusal-phrase judge, as on the held-ou
 over-refusal on XSTest safe prompts.
 
     python bench/demo_effect.py --seeds 1 2 3 --out bench/results/demo_effect   (~19 min per seed here)
+
+`--cached-kl K` synthesizes with the base model's top-K stored (the samples are the same: storing
+only reads the logits) and adds a third command per seed, ThinkSafe+KL with `kl_reference: cached`,
+to set beside the exact KL run on the same data.
 """
 
 from __future__ import annotations
@@ -42,37 +46,40 @@ def read_metric(metrics: dict, metric: str) -> dict:
     return {"value": found["value"], "n": found["n"], "ci95": found.get("ci95")}
 
 
-def seeded_recipe(seed: int) -> dict:
+def seeded_recipe(seed: int, cached_kl: int = 0, kl_reference: str = "forward") -> dict:
     """Every seed of the demo run set (THINKSAFE_RECIPE is laid over the demo's own recipe)."""
     return {
-        "synthesize": {"seed": seed},
-        "sft": {"seed": seed, "report_to": "none"},
+        "synthesize": {"seed": seed, **({"store_reference_topk": cached_kl} if cached_kl else {})},
+        "sft": {"seed": seed, "report_to": "none", "kl_reference": kl_reference},
         "evaluate": {"seed": seed, "report_to": "none"},
     }
 
 
-def run_seed(seed: int, out: Path) -> dict:
-    recipe = Path(tempfile.mkdtemp()) / f"demo_seed{seed}.yaml"
-    recipe.write_text(yaml.safe_dump(seeded_recipe(seed)))
-    env = {**os.environ, "THINKSAFE_OUTPUT_DIR": str(out), "THINKSAFE_RECIPE": str(recipe), "WANDB_MODE": "disabled"}
-    timings = {}
-    for label, use_kl in (("thinksafe", "false"), ("thinksafe+kl", "true")):
+def commands(cached_kl: int) -> list[tuple[str, str, str]]:
+    """(label, use_kl, kl_reference) per command, in the order they run (the first synthesizes)."""
+    return [("thinksafe", "false", "forward"), ("thinksafe+kl", "true", "forward"),
+            *([("thinksafe+kl cached", "true", "cached")] if cached_kl else [])]
+
+
+def run_seed(seed: int, out: Path, cached_kl: int = 0) -> dict:
+    timings, runs = {}, {}
+    out.mkdir(parents=True, exist_ok=True)
+    for label, use_kl, kl_reference in commands(cached_kl):
+        recipe = Path(tempfile.mkdtemp()) / f"demo_seed{seed}.yaml"
+        recipe.write_text(yaml.safe_dump(seeded_recipe(seed, cached_kl, kl_reference)))
+        env = {**os.environ, "THINKSAFE_OUTPUT_DIR": str(out), "THINKSAFE_RECIPE": str(recipe), "WANDB_MODE": "disabled"}
         start = time.time()
-        log = out / f"{label}.log"
-        out.mkdir(parents=True, exist_ok=True)
+        log = out / f"{label.replace(' ', '_')}.log"
         with log.open("w") as handle:
             code = subprocess.run(["bash", str(ROOT / "scripts/train_and_eval.sh"), "cpu", "demo", "", "", use_kl],
                                   stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
         timings[label] = round(time.time() - start)
         if code != 0:
             raise SystemExit(f"seed {seed} {label}: exit {code}, log {log}")
-    os.environ["THINKSAFE_OUTPUT_DIR"] = str(out)
-    runs = {
-        "base": resolve_plan({"devices": "cpu", "model_type": "demo"}, check_devices=False)["base_results"],
-        "thinksafe": resolve_plan({"devices": "cpu", "model_type": "demo"}, check_devices=False)["path_results"],
-        "thinksafe+kl": resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"},
-                                     check_devices=False)["path_results"],
-    }
+        os.environ.update(THINKSAFE_OUTPUT_DIR=str(out), THINKSAFE_RECIPE=str(recipe))  # name the run as it ran
+        plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": use_kl}, check_devices=False)
+        runs.setdefault("base", plan["base_results"])
+        runs[label] = plan["path_results"]
     result = {"seed": seed, "wall_s": timings}
     for run, results in runs.items():
         for task, metric in METRICS:
@@ -83,7 +90,8 @@ def run_seed(seed: int, out: Path) -> dict:
 
 def summarize(results: list[dict]) -> str:
     lines = ["| run | " + " | ".join(METRICS.values()) + " |", "| --- " * (len(METRICS) + 1) + "|"]
-    for run in ("base", "thinksafe", "thinksafe+kl"):
+    runs = ["base", *results[0]["wall_s"]]
+    for run in runs:
         cells = []
         for task, metric in METRICS:
             values = [100 * r[f"{run}/{task}/{metric}"]["value"] for r in results]
@@ -101,10 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_demo_effect"))
+    parser.add_argument("--cached-kl", type=int, default=0, metavar="K",
+                        help="also train ThinkSafe+KL from the base model's top-K stored at synthesis")
     args = parser.parse_args()
     results = []
     for seed in args.seeds:
-        results.append(run_seed(seed, (args.out / f"seed{seed}").resolve()))
+        results.append(run_seed(seed, (args.out / f"seed{seed}").resolve(), args.cached_kl))
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results[-1]), flush=True)
     table = summarize(results)

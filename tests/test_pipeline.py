@@ -90,3 +90,38 @@ def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(mon
     (data_file.parent / "unfinished_benign.jsonl").write_text("")
     pipeline.synthesize_if_needed(kl_plan)
     assert len(steps) == 1  # both files there: skipped
+
+
+def test_a_cached_kl_run_has_its_data_synthesized_with_the_base_models_top_k(monkeypatch, output_root, tmp_path):
+    import pytest
+
+    from thinksafe.errors import ThinksafeError
+    from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
+
+    recipe = tmp_path / "cached.yaml"
+    recipe.write_text("sft:\n  kl_reference: cached\n")
+    monkeypatch.setenv("THINKSAFE_RECIPE", str(recipe))
+    steps = []
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
+    plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
+    assert plan["kl_reference"] == "cached" and "_klcached" in plan["run_name"]
+    assert resolve_plan({"devices": "cpu", "model_type": "demo"})["kl_reference"] == ""  # no KL, no reference
+
+    pipeline.synthesize_if_needed(plan)
+    (cmd,) = steps
+    assert synthesize.parse_args(stage_args(cmd)).store_reference_topk == PIPELINE_REFERENCE_TOPK
+
+    # data drawn without the top-k cannot gain it: refused in one line before any step runs
+    data_dir = Path(plan["data_dir"])
+    data_dir.mkdir(parents=True)
+    for name in ("train.jsonl", "unfinished_benign.jsonl"):
+        (data_dir / name).write_text("")
+    with pytest.raises(ThinksafeError, match="synthesized without the base model's top-k"):
+        pipeline.synthesize_if_needed(plan)
+    (data_dir / REFERENCE_TOPK_FILE).write_bytes(b"")
+    pipeline.synthesize_if_needed(plan)
+    assert len(steps) == 1  # data and its store there: skipped
+
+    # the synthesis recipe's K wins over the pipeline's
+    recipe.write_text("sft:\n  kl_reference: cached\nsynthesize:\n  store_reference_topk: 20\n")
+    assert pipeline.reference_topk(plan) == 20

@@ -29,7 +29,8 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     thinksafe_cmd,
 )
 from thinksafe.io import atomic_write_text
-from thinksafe.registry import SYNTH_UNFINISHED_BENIGN_FILE
+from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
+from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE
 
 RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as the plan resolved it
 
@@ -54,13 +55,35 @@ def synthesize_if_needed(plan: dict) -> None:
     needs_side_file = plan.get("kl_on_unfinished") == "true"
     # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
     side_file_missing = needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
+    check_reference_store(plan)
     if data_file.exists() and not side_file_missing:
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
     # The stage reads the family's synthesis recipe itself (scripts/synthesize.sh gets the same data).
     cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],
-                        "--out", plan["data_dir"], *(["--keep-unfinished-benign", "true"] if needs_side_file else []))
+                        "--out", plan["data_dir"], *(["--keep-unfinished-benign", "true"] if needs_side_file else []),
+                        *(["--store-reference-topk", str(reference_topk(plan))] if needs_reference(plan) else []))
     run_step("synthesize", cmd, Path(plan["data_dir"]) / "synthesize.log", env=device_env(first_device(plan)))
+
+
+def needs_reference(plan: dict) -> bool:
+    return plan.get("kl_reference") == "cached"
+
+
+def reference_topk(plan: dict) -> int:
+    """K for a cached-KL run: the synthesis recipe's store_reference_topk, else PIPELINE_REFERENCE_TOPK."""
+    return int(recipe_values(plan["model_type"], "synthesize").get("store_reference_topk") or PIPELINE_REFERENCE_TOPK)
+
+
+def check_reference_store(plan: dict) -> None:
+    """A cached-KL run needs the base model's top-k captured while its data was generated: data made
+    without it cannot gain it by a rerun (its samples are already drawn), so say so before anything runs."""
+    data_dir = Path(plan["data_dir"])
+    if needs_reference(plan) and (data_dir / SYNTH_TRAIN_FILE).exists() and not (data_dir / REFERENCE_TOPK_FILE).exists():
+        raise ThinksafeError(
+            f"kl_reference cached: {data_dir} was synthesized without the base model's top-k ({REFERENCE_TOPK_FILE}); "
+            "synthesize again into a fresh THINKSAFE_OUTPUT_DIR (the pipeline then passes --store-reference-topk) "
+            "or train with kl_reference forward")
 
 
 def first_device(plan: dict) -> str:

@@ -92,6 +92,7 @@ def resolve_plan(args: dict, check_devices: bool = True) -> dict:
         "model_type": family.name, "size": size, "model": model.source, "dataset": given["dataset"],
         "dataset_kind": dataset.kind, "dataset_source": dataset.source, "use_kl": str(use_kl).lower(),
         "kl_on_unfinished": str(cfg.kl_on_unfinished).lower(), "kl_weighting": cfg.kl_weighting,
+        "kl_reference": cfg.kl_reference if use_kl else "",
         "prompt_masking": str(prompt_masking).lower(), "rank": str(cfg.rank), "epochs": str(cfg.epochs),
         "run_name": paths.name, **{f"path_{k}": v for k, v in paths.to_dict().items() if k != "name"},
         "base_run_name": base_paths(model).name, "base_results": str(base_paths(model).results),
