@@ -6,10 +6,15 @@ gradient checkpointing. Rows, all in one process on one GPU:
   naive_kl   KL(base ‖ model) from the full logits of both models (as the paper's code)
   ours_ce    thinksafe's KLSFTTrainer.compute_loss on a harmful row (TRL's chunked log-prob LM head)
   ours_kl    thinksafe's KLSFTTrainer.compute_loss on a benign row (chunked forward KL, adapter disabled)
+  ours_kl_cached  the same with `--kl_reference cached`: the base's top-64 per position given (as stored
+             at synthesis), no reference forward
   ours_*_nogc  the same without gradient checkpointing (`thinksafe train --no-gradient-checkpointing`)
+  ours_*_liger  the same under Liger's RMSNorm/SwiGLU/RoPE kernels, applied as `thinksafe train
+             --use_liger_kernel true` applies them (TRL keeps its fused LM head: no fused linear CE)
   liger_ce   apply_liger_kernel_to_qwen3 (fused linear CE, RMSNorm, SwiGLU, RoPE), model's own loss
   liger_kl   LigerFusedLinearJSD(jsd_beta=0) = forward KL(base ‖ model) on the Liger-patched model
-Liger patches the model's modules, so its rows run last.
+Liger patches the model's modules, so its rows run last: our head under its layer kernels, then its own
+loss heads.
 MFU uses TRL's compute_flops_per_token: 3 x forward FLOPs (matmuls incl. LM head, non-causal attention
 scores 4·heads·head_dim·seq per token per layer), over the GPU's dense bf16 peak.
 
@@ -41,6 +46,7 @@ SHAPES = {  # Qwen3 config.json values
 }
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM
 PROMPT_TOKENS = 256  # masked prompt prefix of the benchmark sequence
+REFERENCE_TOPK = 64  # the pipeline's K for a cached-KL run (thinksafe.reference_topk.PIPELINE_REFERENCE_TOPK)
 LORA_RANK, LORA_TARGETS = 32, ["q_proj", "v_proj"]
 
 
@@ -87,7 +93,7 @@ def build_trainer(model, device: str):
                      dataset_kwargs={"skip_prepare_dataset": True})
     trainer = KLSFTTrainer(model=model, args=args, train_dataset=placeholder_dataset(), processing_class=dummy_tokenizer(),
                            data_collator=make_collator(0),
-                           peft_config=lora_config(LORA_RANK, target_modules=LORA_TARGETS))
+                           peft_config=lora_config(LORA_RANK, None, 0.0, target_modules=LORA_TARGETS))  # no dropout: timing only
     return trainer
 
 
@@ -99,13 +105,21 @@ def set_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def make_batch(seq: int, vocab: int, device: str, kl: bool) -> dict:
+def make_batch(seq: int, vocab: int, device: str, kind: str) -> dict:
+    """kind: "ce" (a harmful row), "kl" (a benign row, exact KL) or "cached" (a benign row with the
+    base's top-k per position, as the collator gives them: thinksafe.train.data.REFERENCE_COLUMNS)."""
     generator = torch.Generator().manual_seed(seq)
     input_ids = torch.randint(2, vocab, (1, seq), generator=generator).to(device)
     labels = input_ids.clone()
     labels[:, :PROMPT_TOKENS] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-            "kl": torch.tensor([kl], device=device)}
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "kl": torch.tensor([kind != "ce"], device=device)}
+    if kind == "cached":
+        logits = torch.randn(1, seq, REFERENCE_TOPK + 1, generator=generator)
+        logprobs = torch.log_softmax(logits, -1)[..., :REFERENCE_TOPK]  # the last slot's mass is the tail
+        batch.update(ref_ids=torch.randint(0, vocab, (1, seq, REFERENCE_TOPK), generator=generator, dtype=torch.int32),
+                     ref_logprobs=logprobs.half(), ref_tail=1 - logprobs.exp().sum(-1))
+    return batch
 
 
 # --- the loss paths -----------------------------------------------------------------------------
@@ -160,6 +174,14 @@ def make_liger_kl():
     return liger_kl
 
 
+def apply_liger_layers(trainer) -> None:
+    """What `thinksafe train --use_liger_kernel true` does at train start: transformers' Trainer applies
+    Liger with the config TRL's SFTTrainer gives it (fused linear CE off, so TRL's fused head stays)."""
+    from transformers.integrations.liger import apply_liger_kernel
+
+    apply_liger_kernel(trainer.model, {**(trainer.args.liger_kernel_config or {}), "fused_linear_cross_entropy": False})
+
+
 def apply_liger(trainer) -> None:
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3
 
@@ -172,17 +194,18 @@ def apply_liger(trainer) -> None:
 # --- measurement --------------------------------------------------------------------------------
 
 
-def timed_steps(fn, trainer, batch, device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """(mean seconds per forward+backward, peak GiB)."""
+def timed_steps(fn, trainer, batch, device: str, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(mean seconds per forward+backward, peak GiB, the loss: paths on the same row must agree)."""
     cuda = device.startswith("cuda")
 
     def step():
         loss = fn(trainer, batch)
         loss.backward()
         trainer.model.zero_grad(set_to_none=True)
+        return loss.detach()
 
     for _ in range(warmup):
-        step()
+        loss = float(step())
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -193,7 +216,7 @@ def timed_steps(fn, trainer, batch, device: str, warmup: int, steps: int) -> tup
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return seconds, peak
+    return seconds, peak, loss
 
 
 def peak_flops(device: str) -> float | None:
@@ -211,33 +234,37 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
     config = trainer.model.get_base_model().config
     peak = peak_flops(device)
     rows: list[dict] = []
-    paths = [("plain_ce", plain_ce, False, True), ("naive_kl", naive_kl, True, True),
-             ("ours_ce", ours, False, True), ("ours_kl", ours, True, True),
-             ("ours_ce_nogc", ours, False, False), ("ours_kl_nogc", ours, True, False)]
+    paths = [("plain_ce", plain_ce, "ce", True), ("naive_kl", naive_kl, "kl", True),
+             ("ours_ce", ours, "ce", True), ("ours_kl", ours, "kl", True), ("ours_kl_cached", ours, "cached", True),
+             ("ours_ce_nogc", ours, "ce", False), ("ours_kl_nogc", ours, "kl", False)]
     if with_liger:
-        paths.append(("liger", None, None, None))
-    for name, fn, kl, checkpointing in paths:
-        if name == "liger":
+        paths += [("liger_layers", None, None, None), ("liger", None, None, None)]
+    for name, fn, kind, checkpointing in paths:
+        if name.startswith("liger"):
             try:
-                apply_liger(trainer)
-                liger_kl = make_liger_kl()
+                if name == "liger_layers":
+                    apply_liger_layers(trainer)
+                    todo = [("ours_ce_liger", ours, "ce"), ("ours_kl_liger", ours, "kl"),
+                            ("ours_kl_cached_liger", ours, "cached")]
+                else:
+                    apply_liger(trainer)
+                    todo = [("liger_ce", liger_ce, "ce"), ("liger_kl", make_liger_kl(), "kl")]
             except Exception as err:  # no GPU/Triton or no package: record, keep the other rows
-                rows.append({"shape": shape, "path": "liger", "error": f"{type(err).__name__}: {err}"[:200]})
+                rows.append({"shape": shape, "path": name, "error": f"{type(err).__name__}: {err}"[:200]})
                 print(json.dumps(rows[-1]), flush=True)
                 break
             set_checkpointing(trainer.model, True)
-            todo = [("liger_ce", liger_ce, False), ("liger_kl", liger_kl, True)]
         else:
             set_checkpointing(trainer.model, checkpointing)
-            todo = [(name, fn, kl)]
-        for path, path_fn, path_kl in todo:
+            todo = [(name, fn, kind)]
+        for path, path_fn, path_kind in todo:
             for seq in seqs:
                 row = {"shape": shape, "path": path, "seq": seq}
                 try:
-                    batch = make_batch(seq, config.vocab_size, device, path_kl)
-                    seconds, peak_gib = timed_steps(path_fn, trainer, batch, device, warmup, steps)
+                    batch = make_batch(seq, config.vocab_size, device, path_kind)
+                    seconds, peak_gib, loss = timed_steps(path_fn, trainer, batch, device, warmup, steps)
                     flops = compute_flops_per_token(config, seq) * seq
-                    row.update(seconds=round(seconds, 4), peak_gib=round(peak_gib, 2),
+                    row.update(seconds=round(seconds, 4), peak_gib=round(peak_gib, 2), loss=round(loss, 5),
                                tokens_per_s=round(seq / seconds), mfu=round(flops / seconds / peak, 3) if peak else None)
                 except torch.OutOfMemoryError:
                     row["error"] = "OOM"
@@ -281,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write rows + tables as JSON here")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.shapes, args.seqs, args.warmup, args.steps = ["tiny"], [128, 256], 1, 1
+        args.shapes, args.seqs, args.warmup, args.steps = ["tiny"], [384, 512], 1, 1  # > PROMPT_TOKENS
     import importlib.metadata as md
 
     versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "trl", "accelerate")}
