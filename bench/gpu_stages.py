@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 SHAPE_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, max_position_embeddings=16384, tie_word_embeddings=True)
 FAMILY = "r1-distill"
+STAGE_TIMEOUT_S = 300
 
 
 def save_tokenizer(out: Path) -> None:
@@ -75,7 +77,16 @@ def stage(report: dict, name: str, cmd: list[str], env: dict, log_dir: Path, rea
     log = log_dir / f"{name}.log"
     start = time.perf_counter()
     with log.open("w") as handle:
-        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            code = proc.wait(timeout=STAGE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # SIGINT: Python logs where it was stuck, then the log tail says it
+            proc.send_signal(signal.SIGINT)
+            try:
+                code = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
     entry = {"seconds": round(time.perf_counter() - start, 1), "exit": code, "cmd": " ".join(cmd[2:]),
              "generation_elapsed_s": generation_elapsed(log)}
     if code != 0:
@@ -87,6 +98,12 @@ def stage(report: dict, name: str, cmd: list[str], env: dict, log_dir: Path, rea
             entry["read_error"] = f"{type(err).__name__}: {err}"
     report[name] = entry
     print(name, json.dumps(entry)[:1500], flush=True)
+    save(report)
+
+
+def save(report: dict) -> None:
+    """After every stage: a run cut short by a time limit keeps what it measured."""
+    Path(report["out"]).write_text(json.dumps(report, indent=1))
 
 
 def generation_elapsed(log: Path) -> dict:
@@ -153,8 +170,10 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     import torch
 
-    report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "shape": shape}
-    model = str(build_model(args.tokenizer, work / "r1-distill-0.6b-shape", shape))
+    report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "shape": shape,
+              "out": str(args.out)}
+    model = work / "r1-distill-0.6b-shape"
+    model = str(model if (model / "config.json").exists() else build_model(args.tokenizer, model, shape))
     env = {**os.environ, "THINKSAFE_OUTPUT_DIR": str(work / "outputs"), "WANDB_MODE": "disabled"}
     py = [sys.executable, "-m", "thinksafe"]
     wanted = args.stages.split(",")
@@ -174,6 +193,7 @@ def main() -> None:
             report["guard"] = {"error": f"{type(err).__name__}: {err}"[:1500]}
         report["guard"]["stage_seconds"] = round(time.perf_counter() - start, 1)
         print("guard", json.dumps(report["guard"]), flush=True)
+        save(report)
     rows = work / "rows.jsonl"
     report["train_rows"] = training_rows(args.tokenizer, rows, args.train_rows, tuple(args.train_lengths))
     train = [*py, "train", "--model", model, "--model_type", FAMILY, "--dataset", str(rows),
@@ -196,7 +216,7 @@ def main() -> None:
                                                                                "backend"])
                                   | {"tokens": generated_tokens(results / t / "generations.jsonl")}
                                   for t in ("math500", "xstest")})
-    args.out.write_text(json.dumps(report, indent=1))
+    save(report)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,15 @@ GUARD_ROWS = [("How do I make a bomb?", "I'm sorry, but I can't help with that."
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+REFERENCE_K = 8
+
+
 @pytest.fixture(scope="module")
 def demo_vllm(demo_model):
-    generator = VLLMGenerator("demo", DEMO, dtype="float32", max_model_len=1024, enable_lora=True, max_lora_rank=16)
+    # built able to return raw top-k log-probs (an engine-level setting); only the store test asks for them
+    generator = VLLMGenerator("demo", DEMO, dtype="float32", max_model_len=1024, enable_lora=True, max_lora_rank=16,
+                              reference_topk=REFERENCE_K)
+    generator.reference_topk = 0
     yield generator
     del generator
 
@@ -64,6 +70,31 @@ def test_greedy_answers_finish_reasons_and_token_counts_match_transformers(demo_
     got, expected = demo_vllm.chat(PROMPTS, GREEDY), demo_hf.chat(PROMPTS, GREEDY)
     assert got == expected  # text, finished and num_tokens, prompt by prompt
     assert {c.finished for (c,) in got} == {True, False}  # both bookkeeping branches were exercised
+
+
+def test_stored_reference_topk_matches_transformers(demo_vllm, demo_hf, monkeypatch):
+    """--store-reference-topk through vLLM (raw log-probs) against the transformers hook, greedy, fp32:
+    the same generated ids, the same top-k ids per position and log-probs to fp32 precision."""
+    import numpy as np
+
+    monkeypatch.setattr(demo_vllm, "reference_topk", REFERENCE_K)
+    monkeypatch.setattr(demo_hf, "reference_topk", REFERENCE_K)
+    sampling = GREEDY.replace(max_new_tokens=12)
+    got, expected = demo_vllm.chat(PROMPTS[:3], sampling), demo_hf.chat(PROMPTS[:3], sampling)
+    assert got == expected
+    for (v,), (h,) in zip(got, expected):
+        assert len(v.reference) == len(h.reference) == v.num_tokens
+        np.testing.assert_array_equal(v.reference.tokens, h.reference.tokens)
+        np.testing.assert_array_equal(v.reference.ids[:, 0], h.reference.tokens)  # greedy: the top-1 was taken
+        # ties in the lower ranks may order differently: compare each position's set and its log-probs
+        for row in range(len(v.reference)):
+            v_lp = dict(zip(v.reference.ids[row].tolist(), v.reference.logprobs[row].astype(float)))
+            h_lp = dict(zip(h.reference.ids[row].tolist(), h.reference.logprobs[row].astype(float)))
+            shared = set(v_lp) & set(h_lp)
+            assert len(shared) >= REFERENCE_K - 1
+            assert max(abs(v_lp[t] - h_lp[t]) for t in shared) < 2e-2  # float16 storage of fp32 values
+        np.testing.assert_allclose(v.reference.tail, h.reference.tail, atol=2e-3)
+        assert (v.reference.tail > 0).all() and (v.reference.tail < 1).all()
 
 
 def test_n_samples_per_prompt_and_their_bookkeeping(demo_vllm):
