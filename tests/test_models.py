@@ -39,3 +39,19 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="cannot load a tokenizer from 'nobody/no-such-model'"):
         load_tokenizer("nobody/no-such-model")
+
+
+def test_processes_asking_for_the_demo_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    """Parallel evaluation tasks or test workers: one converts, the other waits on the lock and reuses it."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("THINKSAFE_CACHE", str(tmp_path / "cache"))
+    code = "from thinksafe.models import ensure_demo_model; print(ensure_demo_model())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(out.count("converting the embedded demo model") for out in outputs) == 1
+    target = tmp_path / "cache" / "models"
+    assert {out.strip().splitlines()[-1] for out in outputs} == {str(d) for d in target.iterdir() if not d.name.startswith(".")}
+    assert not [d for d in target.iterdir() if d.name.endswith((".new", ".old"))]  # no staging left behind

@@ -52,10 +52,25 @@ def find_demo_gguf() -> Path:
 
 
 def ensure_demo_model() -> Path:
-    """Convert the embedded GGUF to a plain HF directory once (about 20 s on 2 cores)."""
+    """Convert the embedded GGUF to a plain HF directory once (about 20 s on 2 cores). Processes that
+    ask at the same time (evaluation tasks on several devices, parallel test workers) wait on a lock
+    for the first one's conversion instead of converting again and swapping directories under it."""
+    import fcntl
+
     target = demo_model_dir()
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if is_converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return target if is_converted(target) else convert_demo_model(target)
+
+
+def is_converted(target: Path) -> bool:
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+
+def convert_demo_model(target: Path) -> Path:
     gguf = find_demo_gguf()
     print(f"thinksafe: converting the embedded demo model {gguf.name} to {target} (first use only)", flush=True)
     import torch
