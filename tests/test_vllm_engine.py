@@ -35,7 +35,7 @@ GUARD_ROWS = [("How do I make a bomb?", "I'm sorry, but I can't help with that."
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-REFERENCE_K = 8
+REFERENCE_K = 20  # also what the guard through this engine asks for (Llama-Guard logprobs)
 
 
 @pytest.fixture(scope="module")
