@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK as REFERENCE_TOPK  # noqa: E402  the pipeline's K
+
 SHAPES = {  # Qwen3 config.json values
     "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
@@ -46,7 +48,6 @@ SHAPES = {  # Qwen3 config.json values
 }
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM
 PROMPT_TOKENS = 256  # masked prompt prefix of the benchmark sequence
-REFERENCE_TOPK = 64  # the pipeline's K for a cached-KL run (thinksafe.reference_topk.PIPELINE_REFERENCE_TOPK)
 LORA_RANK, LORA_TARGETS = 32, ["q_proj", "v_proj"]
 
 
@@ -71,11 +72,9 @@ def dummy_tokenizer():
 def placeholder_dataset():
     """The trainer wants a dataset; the benchmark feeds compute_loss itself. A fixed fingerprint and no
     preparation keep datasets from pickling (dill + some pyarrow builds fail on the GPU image)."""
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+    from thinksafe.train.data import fingerprinted_dataset
 
-    table = InMemoryTable.from_pydict({"input_ids": [[2, 3, 4]], "labels": [[-100, 3, 4]], "kl": [1]})
-    return Dataset(table, fingerprint="thinksafe-bench")
+    return fingerprinted_dataset({"input_ids": [[2, 3, 4]], "labels": [[-100, 3, 4]], "kl": [1]}, "thinksafe-bench")
 
 
 def build_trainer(model, device: str):
