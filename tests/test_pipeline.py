@@ -55,14 +55,25 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     monkeypatch.setattr(pipeline, "run_tasks_on_devices", lambda tasks, devices: [(t, 0) for t in tasks])
     results = pipeline.evaluate(plan)
     evaluate = recipe_values("demo", "evaluate")
-    assert [t.name for t, _ in results] == evaluate["tasks"] * 2  # the trained run, then the base model
-    assert {t.run_name for t, _ in results} == {plan["run_name"], plan["base_run_name"]}
+    # one device: one process per model for all its tasks (one engine start each), the trained run first
+    assert [t.name for t, _ in results] == [",".join(evaluate["tasks"])] * 2
+    assert [t.run_name for t, _ in results] == [plan["run_name"], plan["base_run_name"]]
+    assert results[0][0].log == Path(plan["path_logs"]) / f"eval_{'+'.join(evaluate['tasks'])}.log"
     from thinksafe.evaluate.run import parse_args as evaluate_args
 
     task = results[0][0]
     args = evaluate_args(["--model", task.model, "--tasks", task.name, "--run-name", task.run_name, *task.extra])
     assert (args.n, args.limit, args.data) == (evaluate["n"], evaluate["limit"], evaluate["data"])
-    assert args.tasks == task.name  # the pipeline's one task, over the recipe's list
+    assert args.tasks == task.name  # the pipeline's task group, over the recipe's list
+
+
+def test_evaluation_tasks_are_split_over_at_most_one_process_per_device():
+    tasks = ["aime24", "gpqa_diamond", "math500", "gsm8k", "harmbench"]
+    assert pipeline.task_groups(tasks, ["cpu"]) == [tasks]
+    assert pipeline.task_groups(tasks, ["0", "1"]) == [["aime24", "math500", "harmbench"], ["gpqa_diamond", "gsm8k"]]
+    assert pipeline.task_groups(tasks[:2], ["0", "1", "2", "3"]) == [["aime24"], ["gpqa_diamond"]]
+    groups = pipeline.task_groups(tasks, [str(d) for d in range(8)])
+    assert groups == [[t] for t in tasks]  # as many devices as tasks: one task each, in parallel
 
 
 def run_name_of(model_cfg, run, trained) -> str:

@@ -121,17 +121,30 @@ def merge(plan: dict) -> None:
     run_step("merge", cmd, Path(plan["path_logs"]) / "merge.log", env=device_env(first_device(plan)))
 
 
+def task_groups(names: list[str], devices: list[str]) -> list[list[str]]:
+    """A model's tasks split over at most one evaluation process per device. Each process loads the
+    policy (a vLLM engine start is ~60 s on a GPU, ~55 s on CPU) and each guard once for all its
+    tasks, where one process per task paid that for every task; with as many devices as tasks, one
+    task each, in parallel, as before."""
+    count = max(1, min(len(devices), len(names)))
+    return [names[i::count] for i in range(count)]
+
+
+def evaluation_task(names: list[str], model: str, run_name: str, logs: Path, extra: list[str]) -> Task:
+    return Task(",".join(names), model, run_name, logs / f"eval_{'+'.join(names)}.log", extra)
+
+
 def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
-    names = evaluation_tasks(plan["model_type"])
+    groups = task_groups(evaluation_tasks(plan["model_type"]), plan["devices"].split(","))
     extra = ["--config", str(write_run_plan(plan))]
-    model_arg = f"{plan['model_type']}/{plan['size']}"
-    tasks: list[Task] = []
+    models = []
     if include_trained:
-        tasks += [Task(t, plan["path_merged"], plan["run_name"], Path(plan["path_logs"]) / f"eval_{t}.log", extra)
-                  for t in names]
+        models.append((plan["path_merged"], plan["run_name"], Path(plan["path_logs"])))
     if include_base:
-        base_logs = Path(plan["base_results"]) / "logs"
-        tasks += [Task(t, model_arg, plan["base_run_name"], base_logs / f"eval_{t}.log", extra) for t in names]
+        models.append((f"{plan['model_type']}/{plan['size']}", plan["base_run_name"],
+                       Path(plan["base_results"]) / "logs"))
+    tasks = [evaluation_task(names, model, run_name, logs, extra)
+             for model, run_name, logs in models for names in groups]
     return run_tasks_on_devices(tasks, plan["devices"].split(","))
 
 

@@ -1,5 +1,5 @@
 """Running the pipeline's steps: each a `python -m thinksafe <stage>` subprocess whose output goes to
-the console and to its log (appended under a dated header), evaluation tasks one per free device."""
+the console and to its log (appended under a dated header), evaluation processes one per free device."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ class Task:
 
 
 def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Task, int]]:
-    """One task per free device, the next task as soon as one frees up; returns (task, exit code)."""
+    """One evaluation process (a task or a comma list of tasks) per free device, the next as soon as
+    one frees up; returns (task, exit code)."""
     pending = list(tasks)
     running: dict[str, tuple[Task, subprocess.Popen, float]] = {}
     results: list[tuple[Task, int]] = []
