@@ -202,11 +202,12 @@ def test_synthesize_with_stored_topk_then_train_with_the_cached_reference(tmp_pa
     assert len(run_dirs) == 1 and run_dirs[0].name.endswith("_mask_klcached_unfinished"), run_dirs
     info, record = read_json(run_dirs[0] / "run_info.json"), read_json(run_dirs[0] / "run_record.json")
     assert record["settings"]["kl_reference"] == "cached" and info["kl_reference"] == "cached"
-    # the KL rows trained on are the benign rows whose stored ids equal training's tokenisation; the
-    # others are dropped and counted, so every benign row is accounted for
+    # the KL rows trained on are the benign rows the store serves (some on the ids the base generated,
+    # counted apart); any others are dropped and counted, so every benign row is accounted for
     reference = info["kl_reference_rows"]
     assert reference["used"] == info["kl_rows"] >= 1
     assert reference["used"] + sum(reference["dropped"].values()) == len(benign)
+    assert reference["on_generated_ids"] <= reference["used"]
     assert any("kl_loss" in entry for entry in info["log_history"])
 
 
@@ -236,3 +237,44 @@ def test_a_finished_forward_run_recorded_before_kl_reference_is_still_the_same_r
     # a real change is still caught, named with the old run's (default) value
     with pytest.raises(TrainConfigError, match="kl_reference 'forward' -> 'cached'"):
         prepare_run_dir(paths, overwrite=False, record=record("--kl_reference", "cached"), skip_finished=True)
+
+
+def test_a_kl_row_trains_on_the_ids_the_base_generated_when_its_text_re_tokenises_differently(tiny_qwen3):
+    """A sampled model may write a text in a segmentation the tokenizer would not choose, and the
+    synthesis strips trailing whitespace: the row then trains on the generated ids (where its stored
+    top-k belong), as long as they spell the same text; stored ids of another text drop the row."""
+    from thinksafe.models import load_tokenizer
+    from thinksafe.registry import FAMILIES
+    from thinksafe.train.data import GENERATED_IDS, REFERENCE_START_COLUMN, TrainRow, tokenize_rows
+
+    tokenizer, family = load_tokenizer(str(tiny_qwen3)), FAMILIES["qwen"]
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    canonical = ids("Hello world")
+    split = ids("Hel") + ids("lo") + ids(" world") + ids("\n\n")  # same text, other ids, then stripped whitespace
+    assert split[:-len(ids("\n\n"))] != canonical and tokenizer.decode(split).rstrip() == "Hello world"
+    rows = [TrainRow("greet", "Hello world", harmful=False, finished=False),
+            TrainRow("greet again", "Hello world", harmful=False, finished=False),
+            TrainRow("other", "Hello world", harmful=False, finished=False)]
+
+    def entry(tokens):
+        n = len(tokens)
+        return TopK(np.asarray(tokens, dtype=np.int32), np.arange(n * 2, dtype=np.int32).reshape(n, 2),
+                    np.full((n, 2), -1.0, dtype=np.float16), np.full(n, 0.5, dtype=np.float32))
+
+    reference = {row_key("greet", "Hello world"): entry(canonical), row_key("greet again", "Hello world"): entry(split),
+                 row_key("other", "Hello world"): entry(ids("Goodbye world"))}
+    dropped: dict = {}
+    columns = tokenize_rows(rows, tokenizer, family, True, reference, dropped)
+    assert dropped == {GENERATED_IDS: 1, "tokens_differ": 1}
+    (first, second) = columns["input_ids"]
+    start = columns[REFERENCE_START_COLUMN][1]
+    assert first[columns[REFERENCE_START_COLUMN][0]:] == canonical  # the usual case: nothing changes
+    from thinksafe.chat import encode_for_training
+
+    usual = encode_for_training(tokenizer, "greet again", "Hello world", family, finished=False)
+    assert second[:start] == usual["input_ids"][:usual["completion_mask"].index(1)] and second[start:] == split
+    assert columns["completion_mask"][1] == [0] * start + [1] * len(split)
+    assert len(columns["ref_ids"][1]) == len(split)  # entry j still on the j-th completion token

@@ -44,7 +44,7 @@ REFERENCE_COLUMNS = ("ref_ids", "ref_logprobs", "ref_tail")
 REFERENCE_START_COLUMN = "ref_start"  # index of a KL row's first completion token in input_ids
 REFERENCE_DROPS_FILE = "reference_drops.json"  # in a tokenised cache dir: KL rows the store could not serve
 FINISHED_COLUMN = "finished"
-TOKENIZED_VERSION = 3  # bump when the tokenised format changes, so old caches are not reused
+TOKENIZED_VERSION = 4  # bump when the tokenised format changes, so old caches are not reused
 
 logger = logging.getLogger(__name__)
 
@@ -224,15 +224,27 @@ def check_kl_rows(rows: list[TrainRow], name: str) -> None:
                            "(the loss would be 0 and the adapter would never move); add harmful rows or drop --use-kl")
 
 
+GENERATED_IDS = "trained_on_generated_ids"  # not a drop: KL rows kept on the ids the base generated
+
+
+def same_text(tokenizer, generated: list[int], completion: list[int]) -> bool:
+    """Whether two id sequences spell one completion; the generated one may end in whitespace that
+    the synthesis stripped from the response text."""
+    return tokenizer.decode(generated).rstrip() == tokenizer.decode(completion).rstrip()
+
+
 def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, reference: dict | None = None,
                   dropped: dict | None = None) -> dict[str, list]:
     """Columns input_ids, completion_mask, kl (kl=1 marks benign rows trained with KL instead of CE).
 
     With `reference` ({row_key: TopK}, --kl_reference cached) each KL row also gets its stored top-k
-    (REFERENCE_COLUMNS), one entry per completion token. A KL row is dropped (counted in `dropped`)
-    when it has no entry, or when the ids the model generated are not the ids training tokenises its
-    text to (a decoded-and-re-tokenised response may merge tokens): its stored positions would
-    predict other tokens than the ones trained on.
+    (REFERENCE_COLUMNS), one entry per completion token. The stored positions are those of the ids
+    the base generated. Where re-tokenising the response text gives other ids (a sampled model may
+    write a text in a segmentation the tokenizer would not choose, e.g. "1" "." for "1."; the
+    synthesis strips trailing whitespace; 23% of the demo's KL rows), the row trains on the generated
+    ids, provided they decode to the same completion text, and is counted in `dropped` under
+    GENERATED_IDS. A KL row without an entry, or whose stored ids spell another text, is dropped
+    and counted by its reason.
     """
     from thinksafe.chat import encode_for_training
     from thinksafe.reference_topk import row_key
@@ -246,9 +258,16 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
         if reference is not None:
             entry = reference.get(row_key(row.prompt, row.response)) if is_kl else None
             if is_kl:
-                completion = encoded["input_ids"][encoded["completion_mask"].index(1):]
+                start = encoded["completion_mask"].index(1)
+                completion, generated = encoded["input_ids"][start:], entry.tokens.tolist() if entry else None
+                if generated is not None and generated != completion and same_text(tokenizer, generated, completion):
+                    encoded = {"input_ids": encoded["input_ids"][:start] + generated,
+                               "completion_mask": [0] * start + [1] * len(generated)}
+                    if dropped is not None:
+                        dropped[GENERATED_IDS] = dropped.get(GENERATED_IDS, 0) + 1
+                    completion = generated
                 reason = ("no_reference" if entry is None else
-                          "tokens_differ" if entry.tokens.tolist() != completion else None)
+                          "tokens_differ" if generated != completion else None)
                 if reason is not None:
                     if dropped is not None:
                         dropped[reason] = dropped.get(reason, 0) + 1
@@ -329,8 +348,12 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
         if not (target / "dataset_info.json").exists():
             drops: dict = {}
             columns = tokenize_rows(rows, tokenizer, family, use_kl, reference[0] if reference else None, drops)
-            if drops:
-                logger.warning("--kl_reference cached: dropped KL rows %s", drops)
+            if drops.get(GENERATED_IDS):
+                logger.info("--kl_reference cached: %d KL rows train on the ids the base generated (the "
+                            "response text re-tokenises differently)", drops[GENERATED_IDS])
+            if set(drops) - {GENERATED_IDS}:
+                logger.warning("--kl_reference cached: dropped KL rows %s",
+                               {k: v for k, v in drops.items() if k != GENERATED_IDS})
             dataset = fingerprinted_dataset(columns, key)
             staging = target.with_name(target.name + ".partial")
             dataset.save_to_disk(str(staging))

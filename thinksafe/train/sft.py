@@ -67,7 +67,7 @@ def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
-    from thinksafe.train.data import build_train_dataset, make_collator, read_train_rows
+    from thinksafe.train.data import GENERATED_IDS, build_train_dataset, make_collator, read_train_rows
     from thinksafe.train.kl import KLSFTTrainer
 
     started = time.time()
@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     counts = {"rows": len(dataset), "kl_rows": n_kl, "truncated_rows": truncated,
-              # cached: the KL rows that had a stored top-k matching their tokens, and why the others were dropped
-              **({"kl_reference_rows": {"used": n_kl, "dropped": reference_drops}} if reference is not None else {})}
+              # cached: the KL rows served by the store, how many of them train on the ids the base
+              # generated (their text re-tokenises differently), and why any others were dropped
+              **({"kl_reference_rows": {"used": n_kl, "on_generated_ids": reference_drops.pop(GENERATED_IDS, 0),
+                                        "dropped": reference_drops}} if reference is not None else {})}
     info = run_info(cfg, model_cfg, run, sft, data, paths, counts, checkpoint, trainer.accelerator.num_processes)
     info = finish_run(trainer, tokenizer, work, info, started, full_model=not model_cfg.use_peft, final=paths)
     metrics = summary_metrics(info["log_history"])
