@@ -59,6 +59,12 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     assert [t.name for t, _ in results] == [",".join(evaluate["tasks"])] * 2
     assert [t.run_name for t, _ in results] == [plan["run_name"], plan["base_run_name"]]
     assert results[0][0].log == Path(plan["path_logs"]) / f"eval_{'+'.join(evaluate['tasks'])}.log"
+    # the trained run is evaluated through its adapter once it has one (LoRARequest on vLLM keeps the
+    # update that a 16-bit merge rounds away), its merged model otherwise (a full fine-tune)
+    assert results[0][0].model == plan["path_merged"] and results[1][0].model == "demo/135M"
+    Path(plan["path_adapter"]).mkdir(parents=True, exist_ok=True)
+    (Path(plan["path_adapter"]) / "adapter_config.json").write_text("{}")
+    assert pipeline.evaluate(plan)[0][0].model == plan["path_adapter"]
     from thinksafe.evaluate.run import parse_args as evaluate_args
 
     task = results[0][0]

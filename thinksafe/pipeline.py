@@ -134,12 +134,21 @@ def evaluation_task(names: list[str], model: str, run_name: str, logs: Path, ext
     return Task(",".join(names), model, run_name, logs / f"eval_{'+'.join(names)}.log", extra)
 
 
+def trained_model(plan: dict) -> str:
+    """The adapter where the run has one: vLLM serves it through LoRARequest, which keeps the update
+    apart from the 16-bit weights that would round most of it away (thinksafe.merge), and the
+    transformers backend evaluates the float32 merge made by the merge step. A full fine-tune: its
+    model."""
+    adapter = Path(plan["path_adapter"])
+    return str(adapter) if (adapter / "adapter_config.json").exists() else plan["path_merged"]
+
+
 def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
     groups = task_groups(evaluation_tasks(plan["model_type"]), plan["devices"].split(","))
     extra = ["--config", str(write_run_plan(plan))]
     models = []
     if include_trained:
-        models.append((plan["path_merged"], plan["run_name"], Path(plan["path_logs"])))
+        models.append((trained_model(plan), plan["run_name"], Path(plan["path_logs"])))
     if include_base:
         models.append((f"{plan['model_type']}/{plan['size']}", plan["base_run_name"],
                        Path(plan["base_results"]) / "logs"))

@@ -141,11 +141,11 @@ def choose_backend(backend: str, work_tokens: int | None = None):
 
 
 def merged_source(model: EvalModel) -> str:
-    """The merged copy of an adapter, made once (thinksafe.merge) and reused afterwards."""
-    from thinksafe.merge import merge_adapter
+    """The float32 merged copy of an adapter, made once (thinksafe.merge) and reused afterwards."""
+    from thinksafe.merge import is_merged_as, merge_adapter
 
     assert model.adapter is not None and model.merged_dir is not None
-    if (model.merged_dir / MODEL_CONFIG).exists():
+    if is_merged_as(model.merged_dir):
         return str(model.merged_dir)
     logger.info("merging %s into %s (once; reused by later evaluations)", model.adapter, model.merged_dir)
     return str(merge_adapter(model.adapter, model.merged_dir, base=model.source))
