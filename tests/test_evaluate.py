@@ -818,3 +818,22 @@ def test_demo_model_on_bundled_subsets(output_root):
         metrics = json.loads((results / task / "metrics.json").read_text())
         assert metrics["harmbench_set" if task == "harmbench" else "data_set"] == "bundled-subset"
         assert metrics["secondary"]["refusal_rate_phrase"]["value"] == pytest.approx(1 - metrics["value"])
+
+
+def test_results_of_a_bf16_merge_are_not_reused_for_its_float32_replacement(tmp_path):
+    """A merged dir's saved dtype is part of the result settings: the float32 merge that replaces
+    an older bf16 one (which rounded most of the update away) is evaluated again."""
+    from thinksafe.evaluate.jobs import merged_dtype, settings_differences
+
+    run_dir = tmp_path / "runs" / "anything"
+    write_run_record(run_dir)
+    (run_dir / "run_info.json").write_text(json.dumps(
+        {"run": "r1-distill-1.5B_grpo_safechain_r32", "model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"}))
+    (run_dir / "merged").mkdir()
+    (run_dir / "merged" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    old = {"model": str(run_dir / "merged"), "merged_dtype": merged_dtype(resolve_eval_model(str(run_dir / "merged")))}
+    (run_dir / "merged" / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    new = {"model": str(run_dir / "merged"), "merged_dtype": merged_dtype(resolve_eval_model(str(run_dir / "merged")))}
+    assert settings_differences(old, new) == "merged_dtype 'bfloat16' -> 'float32'"
+    # results recorded before the key existed: only a merged run's differ
+    assert settings_differences({"model": "x"}, {"model": "x", "merged_dtype": None}) == ""

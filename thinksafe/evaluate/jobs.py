@@ -81,10 +81,23 @@ def parse_data_files(values: list[str], tasks: list[str]) -> dict[str, str]:
     return files
 
 
+def merged_dtype(model: EvalModel) -> str | None:
+    """The saved dtype of a training run's merged model dir: results of a bf16 merge (which rounds
+    most of a LoRA update away, thinksafe.merge) are not those of the float32 merge that replaces
+    it. None for an adapter, a hub or a base model (absent from older results: no difference)."""
+    from thinksafe.merge import saved_dtype
+
+    source = Path(model.source)
+    if model.adapter is not None or model_version(model) is None or not (source / "config.json").exists():
+        return None
+    return saved_dtype(source)
+
+
 def result_settings(job: Job, model: EvalModel, data: str, data_file: str | None, args) -> dict:
     """Everything that decides a task's metrics; stored in metrics.json and compared on reruns."""
     settings = {"model": model.source, "adapter": str(model.adapter) if model.adapter else None,
-                "model_version": model_version(model), "sampling": job.sampling.to_dict(), "limit": args.limit,
+                "model_version": model_version(model), "merged_dtype": merged_dtype(model),
+                "sampling": job.sampling.to_dict(), "limit": args.limit,
                 "data": data, "data_file": data_file, "judge": job.judge,
                 "reasoning_backend": "skythought" if job.via_skythought else "builtin"}
     if job.task.is_reasoning and not job.via_skythought:
