@@ -259,7 +259,8 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
             entry = reference.get(row_key(row.prompt, row.response)) if is_kl else None
             if is_kl:
                 start = encoded["completion_mask"].index(1)
-                completion, generated = encoded["input_ids"][start:], entry.tokens.tolist() if entry else None
+                completion = encoded["input_ids"][start:]
+                generated = entry.tokens.tolist() if entry is not None else None
                 if generated is not None and generated != completion and same_text(tokenizer, generated, completion):
                     encoded = {"input_ids": encoded["input_ids"][:start] + generated,
                                "completion_mask": [0] * start + [1] * len(generated)}
