@@ -143,3 +143,21 @@ def test_a_cached_kl_run_has_its_data_synthesized_with_the_base_models_top_k(mon
     recipe.write_text("sft:\n  kl_reference: cached\nsynthesize:\n  store_reference_topk: 20\n")
     assert pipeline.reference_topk(plan) == 20
 
+
+
+def test_a_failing_task_in_a_group_keeps_the_others_finishing(output_root, monkeypatch):
+    """The group's process stops at the failing task; its tasks run again one per process, and the
+    failure left is the failing task's alone."""
+    plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
+    monkeypatch.setattr(pipeline, "evaluation_tasks", lambda family: ["heldout_harmful", "aime24", "xstest"])
+    started: list[str] = []
+
+    def run(tasks, devices):
+        started.extend(t.name for t in tasks)
+        return [(t, 1 if "aime24" in t.name.split(",") else 0) for t in tasks]
+
+    monkeypatch.setattr(pipeline, "run_tasks_on_devices", run)
+    results = pipeline.evaluate(plan, include_base=False)
+    assert started == ["heldout_harmful,aime24,xstest", "heldout_harmful", "aime24", "xstest"]
+    assert [(t.name, code) for t, code in results] == [("heldout_harmful", 0), ("aime24", 1), ("xstest", 0)]
+    assert results[1][0].log == Path(plan["path_logs"]) / "eval_aime24.log"

@@ -154,7 +154,20 @@ def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True
                        Path(plan["base_results"]) / "logs"))
     tasks = [evaluation_task(names, model, run_name, logs, extra)
              for model, run_name, logs in models for names in groups]
-    return run_tasks_on_devices(tasks, plan["devices"].split(","))
+    return with_failed_groups_split(run_tasks_on_devices(tasks, plan["devices"].split(",")), plan["devices"].split(","))
+
+
+def with_failed_groups_split(results: list[tuple[Task, int]], devices: list[str]) -> list[tuple[Task, int]]:
+    """A group's process stops at its first failing task (a task without data fails before any
+    generation): its tasks run again one per process, so that the others still finish. Tasks that
+    did finish are skipped by `evaluate` (same settings) in their own process."""
+    failed = [task for task, code in results if code != 0 and "," in task.name]
+    if not failed:
+        return results
+    print(f"[eval] {len(failed)} task group(s) failed: their tasks again one per process", flush=True)
+    singles = [evaluation_task([name], task.model, task.run_name, task.log.parent, task.extra)
+               for task in failed for name in task.name.split(",")]
+    return [(task, code) for task, code in results if task not in failed] + run_tasks_on_devices(singles, devices)
 
 
 def report() -> None:
