@@ -29,6 +29,7 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     thinksafe_cmd,
 )
 from thinksafe.io import atomic_write_text
+from thinksafe.merge import ADAPTER_CONFIG
 from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
 from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE
 
@@ -140,11 +141,12 @@ def trained_model(plan: dict) -> str:
     transformers backend evaluates the float32 merge made by the merge step. A full fine-tune: its
     model."""
     adapter = Path(plan["path_adapter"])
-    return str(adapter) if (adapter / "adapter_config.json").exists() else plan["path_merged"]
+    return str(adapter) if (adapter / ADAPTER_CONFIG).exists() else plan["path_merged"]
 
 
 def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
-    groups = task_groups(evaluation_tasks(plan["model_type"]), plan["devices"].split(","))
+    devices = plan["devices"].split(",")
+    groups = task_groups(evaluation_tasks(plan["model_type"]), devices)
     extra = ["--config", str(write_run_plan(plan))]
     models = []
     if include_trained:
@@ -154,7 +156,7 @@ def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True
                        Path(plan["base_results"]) / "logs"))
     tasks = [evaluation_task(names, model, run_name, logs, extra)
              for model, run_name, logs in models for names in groups]
-    return with_failed_groups_split(run_tasks_on_devices(tasks, plan["devices"].split(",")), plan["devices"].split(","))
+    return with_failed_groups_split(run_tasks_on_devices(tasks, devices), devices)
 
 
 def with_failed_groups_split(results: list[tuple[Task, int]], devices: list[str]) -> list[tuple[Task, int]]:

@@ -11,7 +11,7 @@ from thinksafe import resumable
 from thinksafe.errors import ThinksafeError
 from thinksafe.generation import Generator
 from thinksafe.io import ResumableLog
-from thinksafe.models import free_accelerator_memory
+from thinksafe.models import default_device, free_accelerator_memory
 from thinksafe.prompts import PromptRow
 from thinksafe.resumable import missing_samples, sample_key
 from thinksafe.synthesize.completion import check_completion, steer
@@ -38,9 +38,7 @@ def generation_chunk_size(cfg: SynthConfig, backend_name: str) -> int:
     if cfg.chunk_size:
         return cfg.chunk_size
     if backend_name == "vllm":
-        import torch
-
-        return VLLM_CHUNK_PROMPTS if torch.cuda.is_available() else VLLM_CPU_CHUNK_PROMPTS
+        return VLLM_CHUNK_PROMPTS if default_device() == "cuda" else VLLM_CPU_CHUNK_PROMPTS
     return max(1, cfg.batch_size * HF_PROMPTS_PER_BATCH_CHUNK // cfg.sampling.n)
 
 
