@@ -8,7 +8,11 @@ gradient checkpointing. Rows, all in one process on one GPU:
   ours_kl    thinksafe's KLSFTTrainer.compute_loss on a benign row (chunked forward KL, adapter disabled)
   ours_kl_cached  the same with `--kl_reference cached`: the base's top-64 per position given (as stored
              at synthesis), no reference forward
-  ours_*_nogc  the same without gradient checkpointing (`thinksafe train --no-gradient-checkpointing`)
+  ours_*_nogc  the same without gradient checkpointing (`thinksafe train --gradient_checkpointing false`)
+  ours_*_sac  TRL's selective activation checkpointing: attention outputs kept, the rest recomputed
+             (`--gradient_checkpointing_kwargs '{"selective": true}'`)
+  ours_*_gc2  every second decoder layer checkpointed, the others keep their activations
+             (`--gradient_checkpointing_kwargs '{"every_n_layers": 2}'`)
   ours_*_liger  the same under Liger's RMSNorm/SwiGLU/RoPE kernels, applied as `thinksafe train
              --use_liger_kernel true` applies them (TRL keeps its fused LM head: no fused linear CE)
   liger_ce   apply_liger_kernel_to_qwen3 (fused linear CE, RMSNorm, SwiGLU, RoPE), model's own loss
@@ -96,12 +100,32 @@ def build_trainer(model, device: str):
     return trainer
 
 
-def set_checkpointing(model, enabled: bool) -> None:
-    if enabled:
+CHECKPOINTING = ("full", "off", "sac", "gc2")  # the modes of the ours_* rows (module docstring)
+
+
+def set_checkpointing(model, mode: str) -> None:
+    """As `thinksafe train` turns it on: transformers' Trainer calls gradient_checkpointing_enable with
+    the `--gradient_checkpointing_kwargs` (TRL wraps it first for `selective`)."""
+    model.gradient_checkpointing_disable()
+    if mode == "off":
+        return
+    if mode == "sac":
+        from trl.models import enable_selective_activation_checkpointing
+
+        enable_selective_activation_checkpointing(model)
+    layers = 2 if mode == "gc2" else 1
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=layers)
+    except TypeError:  # transformers < 5.19 has no every_n_layers: set the per-layer flags as 5.19 does
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    else:
-        model.gradient_checkpointing_disable()
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, block in enumerate(blocks):
+            block.gradient_checkpointing = index % layers == 0
+    finally:
+        vars(model).pop("gradient_checkpointing_enable", None)  # undo TRL's wrapper: the next mode is plain
+    model.enable_input_require_grads()
 
 
 def make_batch(seq: int, vocab: int, device: str, kind: str) -> dict:
@@ -233,9 +257,12 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
     config = trainer.model.get_base_model().config
     peak = peak_flops(device)
     rows: list[dict] = []
-    paths = [("plain_ce", plain_ce, "ce", True), ("naive_kl", naive_kl, "kl", True),
-             ("ours_ce", ours, "ce", True), ("ours_kl", ours, "kl", True), ("ours_kl_cached", ours, "cached", True),
-             ("ours_ce_nogc", ours, "ce", False), ("ours_kl_nogc", ours, "kl", False)]
+    paths = [("plain_ce", plain_ce, "ce", "full"), ("naive_kl", naive_kl, "kl", "full"),
+             ("ours_ce", ours, "ce", "full"), ("ours_kl", ours, "kl", "full"), ("ours_kl_cached", ours, "cached", "full"),
+             ("ours_ce_nogc", ours, "ce", "off"), ("ours_kl_nogc", ours, "kl", "off"),
+             ("ours_kl_cached_nogc", ours, "cached", "off")]
+    paths += [(f"ours_{kind.replace('cached', 'kl_cached')}_{mode}", ours, kind, mode)
+              for mode in ("sac", "gc2") for kind in ("ce", "kl", "cached")]
     if with_liger:
         paths += [("liger_layers", None, None, None), ("liger", None, None, None)]
     for name, fn, kind, checkpointing in paths:
@@ -252,7 +279,7 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
                 rows.append({"shape": shape, "path": name, "error": f"{type(err).__name__}: {err}"[:200]})
                 print(json.dumps(rows[-1]), flush=True)
                 break
-            set_checkpointing(trainer.model, True)
+            set_checkpointing(trainer.model, "full")
         else:
             set_checkpointing(trainer.model, checkpointing)
             todo = [(name, fn, kind)]

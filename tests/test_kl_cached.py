@@ -61,6 +61,61 @@ def test_cached_kl_gradient_matches_the_coarsened_kl_by_hand_across_tiles():
     torch.testing.assert_close(h1.grad, h2.grad.float(), rtol=1e-3, atol=1e-5)
 
 
+def coarsened_kl_of_the_head_by_hand(hidden, weight, bias, ids, logprobs, tail, scale=1.0, softcap=None):
+    """The coarsened KL in float64 from the head's own parameters, by autograd on full softmaxes."""
+    logits = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    q_top = logits.log_softmax(-1).gather(1, ids.long())
+    q_tail = torch.log1p(-q_top.exp().sum(-1))
+    tail = tail.double()
+    return (logprobs.double().exp() * (logprobs.double() - q_top)).sum(-1) + torch.xlogy(tail, tail) - tail * q_tail
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cached_kl_gradients_in_hidden_weight_and_bias_match_float64_autograd(softcap):
+    """The hand-written backward (and the soft-capped autograd path) against float64 autograd, with a
+    trainable head and bias, a logit scale, per-token upstream weights (the row means) and tiles of 4, 4, 3."""
+    torch.manual_seed(2)
+    n, hidden, vocab, k = 11, 12, 30, 6
+    weight = torch.randn(vocab, hidden) * 0.5
+    bias = torch.randn(vocab) * 0.3
+    ids, logprobs, tail = (torch.from_numpy(a) for a in topk_from_logits(torch.randn(n, vocab) * 2, k))
+    h = torch.randn(n, hidden)
+    upstream = torch.rand(n) + 0.5
+    ours = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
+    ref = [t.double().clone().requires_grad_(True) for t in (h, weight, bias)]
+    head = torch.nn.Linear(hidden, vocab)
+    head.weight, head.bias = torch.nn.Parameter(ours[1]), torch.nn.Parameter(ours[2])
+    got = cached_kl_per_token(ours[0], head, ids, logprobs, tail, logit_scale=0.7, softcap=softcap, tile=4)
+    expected = coarsened_kl_of_the_head_by_hand(*ref, ids, logprobs, tail, scale=0.7, softcap=softcap)
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    (got * upstream).sum().backward()
+    (expected * upstream.double()).sum().backward()
+    for mine, theirs in zip((ours[0], head.weight, head.bias), ref):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_cached_kl_with_every_token_stored_has_the_full_kl_gradient():
+    """k = V: no tail bucket, so the KL and its gradient are the full ones (finite, the empty tail
+    contributing nothing)."""
+    torch.manual_seed(3)
+    n, hidden, vocab = 5, 8, 16
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    base_logits = torch.randn(n, vocab)
+    ids, logprobs, tail = (torch.from_numpy(a) for a in topk_from_logits(base_logits, vocab))
+    h1 = torch.randn(n, hidden, requires_grad=True)
+    h2 = h1.detach().double().requires_grad_(True)
+    got = cached_kl_per_token(h1, head, ids, logprobs, tail)
+    full = F.kl_div((h2 @ head.weight.double().T).log_softmax(-1), logprobs.double().gather(
+        1, ids.long().argsort(1)), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(got.double(), full.detach(), rtol=1e-4, atol=1e-6)
+    got.sum().backward()
+    full.sum().backward()
+    assert torch.isfinite(h1.grad).all()
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_tail_from_logprobs_and_the_store_round_trip(tmp_path):
     torch.manual_seed(2)
     logits = torch.randn(9, 30)

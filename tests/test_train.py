@@ -270,3 +270,29 @@ def test_direct_refusal_rows_are_parsed_as_the_paper_does(tiny_qwen3):
     assert tokenize_rows(rows, load_tokenizer(str(tiny_qwen3)), FAMILIES["qwen"], use_kl=True)["kl"] == [0, 0]
     with pytest.raises(DatasetError, match="row 1: `refusal` is not 'Question: ... Answer: ...'"):
         to_rows([records[0], {"refusal": "just a refusal"}], "direct-refusal", need_labels=False)
+
+
+def test_selective_checkpointing_changes_how_not_what(tiny_qwen3, tmp_path, output_root, monkeypatch):
+    """transformers' every_n_layers and TRL's selective activation checkpointing run in `thinksafe train`
+    (through --gradient_checkpointing_kwargs) and train the same adapter as full checkpointing and none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    dataset, _ = rows_file(tmp_path, n=4)
+    settings = {"none": ["--gradient_checkpointing", "false"], "full": ["--gradient_checkpointing", "true"],
+                "every 2": ["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'],
+                "selective": ["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"selective": true}']}
+    adapters, flags = {}, {}
+    for name, extra in settings.items():
+        captured = {}
+        assert run_train(tiny_qwen3, dataset, "--use-kl", "--overwrite", *extra, capture=captured,
+                         monkeypatch=monkeypatch) == 0
+        model = captured["trainer"].model
+        flags[name] = [layer.gradient_checkpointing for layer in model.modules()
+                       if isinstance(layer, GradientCheckpointingLayer)]
+        flags[name].append(getattr(model.gradient_checkpointing_enable, "_is_sac_wrapped", False))
+        adapters[name] = load_file(only_run_dir(output_root) / "adapter" / "adapter_model.safetensors")
+    assert flags["none"] == [False, False, False] and flags["full"] == [True, True, False]
+    assert flags["every 2"] == [True, False, False] and flags["selective"] == [True, True, True]
+    for name in ("full", "every 2", "selective"):
+        for key, value in adapters["none"].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=1e-5, atol=1e-7)

@@ -47,9 +47,10 @@ def forward_kl_per_token(student_hidden: torch.Tensor, student_head, teacher_hid
     return divergence
 
 
-# Tokens per tile of the cached KL: a [tile, V] fp32 logit block (about 600 MB at Qwen's 152k vocabulary
-# and 1024 tokens) is the largest thing it builds, recomputed in the backward instead of kept.
-CACHED_KL_TILE = 1024
+# Logit entries per tile of the cached KL: a [tile, V] fp32 block (256 MB; 441 tokens at Qwen's 152k
+# vocabulary, all of the demo's 49k-vocabulary micro-batch tokens up to 1,365) is the largest thing it
+# builds, forward or backward.
+CACHED_KL_TILE_ELEMENTS = 64 * 2**20
 
 
 def topk_tail_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -61,49 +62,131 @@ def topk_tail_kl(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torc
     exact KL between the two distributions coarsened to k+1 outcomes, so it never exceeds the full
     one (data processing inequality); what it misses is tail · KL(base tail shape ‖ model tail shape).
     Its gradient in the logits is q - p on the top-k and q - tail·q/Q_tail elsewhere.
+    This autograd form is the definition; `cached_kl_per_token` computes the same in tiles by hand.
     """
     logits = logits.float()
     log_z = torch.logsumexp(logits, dim=-1)
     model_top = logits.gather(1, ref_ids) - log_z[:, None]
-    # The model's tail from its own tail logits, not 1 - Σ top-k: no cancellation when the top-k hold
-    # nearly all of the mass. The top-k are masked with the lowest finite value, not -inf: with an
-    # empty tail (k = V) that keeps 0 · log Q_tail at 0, and its gradient finite.
-    masked = logits.scatter(1, ref_ids, torch.finfo(logits.dtype).min)
-    model_tail = torch.logsumexp(masked, dim=-1) - log_z
-    base_top = ref_logprobs.float()
-    tail = ref_tail.float()
+    model_tail = _masked_logsumexp_(logits.clone(), ref_ids) - log_z
+    return _kl_from_log_probs(model_top, model_tail, ref_logprobs, ref_tail)
+
+
+def _masked_logsumexp_(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the entries not in `ids`, overwriting `logits` there.
+
+    The model's tail from its own tail logits, not 1 - Σ top-k: no cancellation when the top-k hold
+    nearly all of the mass. The top-k are masked with the lowest finite value, not -inf: with an
+    empty tail (k = V) that keeps 0 · log Q_tail at 0, and its gradient finite.
+    """
+    return torch.logsumexp(logits.scatter_(1, ids, torch.finfo(logits.dtype).min), dim=-1)
+
+
+def _kl_from_log_probs(model_top, model_tail, ref_logprobs, ref_tail) -> torch.Tensor:
+    base_top, tail = ref_logprobs.float(), ref_tail.float()
     top = (base_top.exp() * (base_top - model_top)).sum(-1)
     return top + torch.xlogy(tail, tail) - tail * model_tail
 
 
-def _tile_kl(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, softcap):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return topk_tail_kl(logits, ref_ids, ref_logprobs, ref_tail)
+def _tile_logits(hidden, weight, bias, logit_scale) -> torch.Tensor:
+    """[n, V] fp32 logits of one tile: the projection in the weights' precision, as the model's own head."""
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    return logits.mul_(logit_scale) if logit_scale != 1.0 else logits
+
+
+class _CachedTopKKL(torch.autograd.Function):
+    """KL(base ‖ model) per token from hidden states, in token tiles, with a hand-written backward.
+
+    Written by hand because no library computes a KL against a stored top-k (TRL's and Liger's
+    fused heads take the teacher's hidden states or logits). Autograd through `topk_tail_kl` keeps
+    several [tile, V] fp32 intermediates per tile and replays them all in the backward; here the
+    forward keeps two numbers per token (log Z and the log tail mass) and the backward rebuilds
+    each tile's logits once and turns them into the logits' gradient in place:
+        dKL/dz_j = q_j - p_j (top-k),   q_j - tail · q_j / Q_tail (elsewhere)
+    (q_j times the stored mass Σ p_top + tail, which float16 storage leaves a little off 1).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, tile):
+        n_tokens = hidden.size(0)
+        log_z = hidden.new_empty(n_tokens, dtype=torch.float32)
+        log_tail = torch.empty_like(log_z)
+        kl = torch.empty_like(log_z)
+        for start in range(0, n_tokens, tile):
+            part = slice(start, start + tile)
+            logits = _tile_logits(hidden[part], weight, bias, logit_scale)
+            log_z[part] = torch.logsumexp(logits, dim=-1)
+            model_top = logits.gather(1, ref_ids[part]) - log_z[part, None]
+            log_tail[part] = _masked_logsumexp_(logits, ref_ids[part])
+            kl[part] = _kl_from_log_probs(model_top, log_tail[part] - log_z[part], ref_logprobs[part], ref_tail[part])
+        ctx.save_for_backward(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log_z, log_tail)
+        ctx.logit_scale, ctx.tile = logit_scale, tile
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log_z, log_tail = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+        tail = ref_tail.float()
+        # Off the top-k, dKL/dz_j = mass·q_j - tail·q_j/Q_tail, where mass = Σ p_top + tail is 1 up to the
+        # float16 rounding of the stored log-probs (kept: this is the gradient of the value returned).
+        # = exp(z_j + a) - exp(z_j + b), a = log mass - log Z, b = log tail - log(Q_tail·Z); factored as
+        # exp(z_j + m)·(e^(a-m) - e^(b-m)) with m = max(a, b), so no term overflows off the top-k.
+        a = (ref_logprobs.float().exp().sum(-1) + tail).log() - log_z
+        b = torch.where(tail > 0, tail.clamp_min(torch.finfo(torch.float32).tiny).log() - log_tail, float("-inf"))
+        m = torch.maximum(a, b)
+        scale = grad_kl.float() * ((a - m).exp() - (b - m).exp())
+        for start in range(0, hidden.size(0), ctx.tile):
+            part = slice(start, start + ctx.tile)
+            ids, g = ref_ids[part], grad_kl[part].float()[:, None]
+            grad = _tile_logits(hidden[part], weight, bias, ctx.logit_scale)
+            top = (grad.gather(1, ids) + a[part, None]).exp() - ref_logprobs[part].float().exp()
+            grad.add_(m[part, None]).exp_().mul_(scale[part, None]).scatter_(1, ids, top * g)
+            if ctx.logit_scale != 1.0:
+                grad.mul_(ctx.logit_scale)
+            grad = grad.to(weight.dtype)
+            if wants_hidden:
+                grad_hidden[part] = (grad @ weight).to(hidden.dtype)
+            if wants_weight:
+                grad_weight.addmm_(grad.t().float(), hidden[part].float())
+            if wants_bias:
+                grad_bias += grad.float().sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+
+
+def _tile_kl_softcapped(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, softcap):
+    logits = _tile_logits(hidden, weight, bias, logit_scale)
+    return topk_tail_kl(torch.tanh(logits / softcap) * softcap, ref_ids, ref_logprobs, ref_tail)
 
 
 def cached_kl_per_token(student_hidden: torch.Tensor, student_head, ref_ids: torch.Tensor,
                         ref_logprobs: torch.Tensor, ref_tail: torch.Tensor, logit_scale: float = 1.0,
-                        softcap: float | None = None, tile: int = CACHED_KL_TILE) -> torch.Tensor:
+                        softcap: float | None = None, tile: int | None = None) -> torch.Tensor:
     """KL(base ‖ model) per token against the base's top-k stored at synthesis: no reference forward.
 
     student_hidden: [N, H] at the N loss positions; ref_*: [N, k], [N, k], [N] (thinksafe.reference_topk).
-    Each tile of tokens is checkpointed, so only [tile, V] logits exist at any time, forward or backward.
-    Returns [N] float32 (topk_tail_kl); the gradient flows to `student_hidden` and a trainable head.
+    Tiles of `tile` tokens (default: CACHED_KL_TILE_ELEMENTS logits), so only one tile's logits exist
+    at a time, forward or backward. Returns [N] float32 (topk_tail_kl); the gradient flows to
+    `student_hidden` and a trainable head. A soft-capped head (no registered family has one) goes
+    through autograd on checkpointed tiles instead: slower, same values.
     """
+    weight, bias = _head_params(student_head)
+    device = student_hidden.device
+    ref_ids, ref_logprobs, ref_tail = ref_ids.to(device, torch.long), ref_logprobs.to(device), ref_tail.to(device)
+    tile = tile or max(1, CACHED_KL_TILE_ELEMENTS // weight.size(0))
+    if student_hidden.size(0) == 0:
+        return student_hidden.new_zeros(0, dtype=torch.float32)
+    if not softcap:
+        return _CachedTopKKL.apply(student_hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, float(logit_scale),
+                                   tile)
     from torch.utils.checkpoint import checkpoint
 
-    weight, bias = _head_params(student_head)
-    ref_ids = ref_ids.to(student_hidden.device, torch.long)
-    pieces = []
-    for start in range(0, student_hidden.size(0), tile):
-        part = slice(start, start + tile)
-        pieces.append(checkpoint(_tile_kl, student_hidden[part], weight, bias, ref_ids[part],
-                                 ref_logprobs[part].to(student_hidden.device),
-                                 ref_tail[part].to(student_hidden.device), logit_scale, softcap,
-                                 use_reentrant=False))
-    return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([checkpoint(_tile_kl_softcapped, student_hidden[part], weight, bias, ref_ids[part],
+                                 ref_logprobs[part], ref_tail[part], logit_scale, softcap, use_reentrant=False)
+                      for part in (slice(s, s + tile) for s in range(0, student_hidden.size(0), tile))])
 
 
 def row_means_sum(token_losses: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
