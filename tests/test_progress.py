@@ -57,3 +57,49 @@ def test_run_queue_is_read_from_proc():
     from thinksafe.models import runnable_processes
 
     assert runnable_processes(samples=3, interval_s=0.0) >= 1  # this process is running while it reads
+
+
+def test_this_process_threads_count_once_in_the_run_queue(monkeypatch):
+    """Read between batches, this process's own torch threads (still spinning) are not other processes:
+    the real /proc count of them, and the run queue minus them."""
+    import threading
+
+    import torch
+
+    from thinksafe import models
+
+    stop = threading.Event()
+
+    def busy():  # torch releases the GIL in matmul: its OpenMP threads run beside this one
+        a = torch.randn(400, 400)
+        while not stop.is_set():
+            a @ a
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        seen = max(models._running_threads_of_this_process() for _ in range(50))
+    finally:
+        stop.set()
+        worker.join()
+        torch.set_num_threads(threads)
+    assert seen >= 2  # the reading thread and at least one torch thread
+    monkeypatch.setattr(models, "_running_tasks_of_the_machine", lambda: 5)
+    monkeypatch.setattr(models, "_running_threads_of_this_process", lambda: 3)
+    assert models.runnable_processes(samples=3, interval_s=0.0) == 3  # 5 running, 3 of them ours: 2 others + us
+
+
+def test_threads_are_re_read_at_most_every_so_often(monkeypatch):
+    from thinksafe import models
+
+    reads = []
+    monkeypatch.delenv(models.THREADS_ENV, raising=False)
+    monkeypatch.setattr(models, "cpu_threads", lambda: reads.append(1) or 1)
+    monkeypatch.setitem(models._last_thread_check, "at", float("-inf"))
+    models.use_idle_cpu_threads()
+    models.use_idle_cpu_threads(every_s=60)  # within a minute of the last read: no read
+    assert len(reads) == 1
+    models.use_idle_cpu_threads()  # a new phase reads again
+    assert len(reads) == 2

@@ -144,10 +144,11 @@ class HFGenerator(Generator):
         import numpy as np
         import torch
 
-        from thinksafe.models import use_idle_cpu_threads
+        from thinksafe.models import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
 
-        if self.model.device.type == "cpu":
-            use_idle_cpu_threads()  # per call (a chunk): the machine's load changes during a long phase
+        on_cpu = self.model.device.type == "cpu"
+        if on_cpu:
+            use_idle_cpu_threads()  # per call (a chunk), and again between batches: the load changes
         torch.manual_seed(sampling.seed)
         eos = self.eos_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
@@ -158,6 +159,8 @@ class HFGenerator(Generator):
         jobs = [i for i in order for _ in range(sampling.n)]
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
+            if on_cpu and start:
+                use_idle_cpu_threads(every_s=CPU_THREADS_RECHECK_S)
             ids, mask = left_pad([prompt_ids[i] for i in batch], pad)
             with torch.no_grad(), self._capture_topk() as steps:
                 out = self.model.generate(

@@ -258,20 +258,44 @@ def load_model(source: str, device: str | None = None, dtype=None, trust_remote_
 
 THREADS_ENV = "THINKSAFE_CPU_THREADS"  # a fixed thread count, for whoever knows better
 _RUN_QUEUE_SAMPLES = 5
+# A long phase (a training run, a generation chunk of minutes) re-reads the load at most this often,
+# so a moment's load decides a minute of work, not the phase.
+CPU_THREADS_RECHECK_S = 60.0
+
+
+def _running_threads_of_this_process() -> int:
+    """Threads of this process in state R (running or runnable) now: at least the one reading."""
+    running = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:  # the state is the first field after the ")" that closes the thread's name
+            running += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return max(running, 1)
+
+
+def _running_tasks_of_the_machine() -> int | None:
+    """/proc/loadavg's count of running threads now (None where there is no such file)."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def runnable_processes(samples: int = _RUN_QUEUE_SAMPLES, interval_s: float = 0.05) -> int:
-    """The median of the instantaneous run queue (/proc/loadavg's running count, this process included);
-    not the load average, which still counts the pipeline's previous stage for a minute."""
+    """The median of the instantaneous run queue (/proc/loadavg's running count), this process counted
+    once however many of its threads run: not the load average, which still counts the pipeline's
+    previous stage for a minute, and not this process's own torch threads, which still spin for a
+    moment after its last batch (read between batches, they would look like another process)."""
     import statistics
     import time
 
     counts = []
     for i in range(samples):
-        try:
-            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
-        except (OSError, ValueError, IndexError):
+        total = _running_tasks_of_the_machine()
+        if total is None:
             return 1
+        counts.append(max(1, total - _running_threads_of_this_process() + 1))
         if i + 1 < samples:
             time.sleep(interval_s)
     return int(statistics.median(counts))
@@ -291,10 +315,19 @@ def cpu_threads() -> int:
     return max(1, cores - others)
 
 
-def use_idle_cpu_threads() -> int:
-    """Set torch's thread count from cpu_threads() (called when CPU work starts: a load, a batch chunk)."""
+_last_thread_check = {"at": float("-inf")}
+
+
+def use_idle_cpu_threads(every_s: float = 0.0) -> int:
+    """Set torch's thread count from cpu_threads() (when CPU work starts: a load, a chunk, a batch, a
+    training step); with `every_s`, only if the last check is older than that."""
+    import time
+
     import torch
 
+    if time.monotonic() - _last_thread_check["at"] < every_s:
+        return torch.get_num_threads()
+    _last_thread_check["at"] = time.monotonic()
     threads = cpu_threads()
     if threads != torch.get_num_threads():
         logger.info("CPU threads: %d -> %d (cores not busy with other processes)", torch.get_num_threads(), threads)

@@ -198,3 +198,18 @@ def summary_metrics(log_history: list[dict]) -> dict:
     for entry in log_history:
         merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     return merged
+
+
+def idle_cpu_threads_callback():
+    """A TrainerCallback that re-reads, between steps, the cores other processes leave idle
+    (thinksafe.models.cpu_threads, at most every CPU_THREADS_RECHECK_S): a CPU run that started on a
+    busy machine gets its threads back when the other job ends, and the other way round."""
+    from transformers import TrainerCallback
+
+    from thinksafe.models import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
+
+    class IdleCpuThreads(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            use_idle_cpu_threads(every_s=CPU_THREADS_RECHECK_S)
+
+    return IdleCpuThreads()

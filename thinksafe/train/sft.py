@@ -19,6 +19,7 @@ from thinksafe.train.common import (
     TrainConfigError,
     distributed_state,
     finish_run,
+    idle_cpu_threads_callback,
     place_trainer,
     prepare_run_dir,
     resume_checkpoint,
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s: %d rows (%d benign rows on KL), run %s", run.dataset, len(dataset), n_kl, paths.name)
     truncated = rows_over_max_length(dataset, sft.max_length)
 
-    if sft.target_device == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1":
+    on_one_cpu_process = sft.target_device == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1"
+    if on_one_cpu_process:
         use_idle_cpu_threads()  # a busy machine degrades gracefully (thinksafe.models.cpu_threads)
     model = load_model(spec.source, device="cpu", dtype=model_cfg.dtype or default_dtype(sft.target_device))
     trainer = KLSFTTrainer(
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_model=full_finetune_reference(model, model_cfg, sft),
         # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
         weighting=sft.kl_weighting if sft.use_kl else TOKEN_WEIGHTING,
+        callbacks=[idle_cpu_threads_callback()] if on_one_cpu_process else None,
     )
     checkpoint = resume_checkpoint(work, run.resume)
     if checkpoint:
