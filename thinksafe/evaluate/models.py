@@ -130,12 +130,12 @@ def model_version(model: EvalModel) -> str | None:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def choose_backend(backend: str, work_tokens: int | None = None):
-    """The generation backend (a BackendChoice) for about `work_tokens` generated tokens."""
+def choose_backend(backend: str, model: EvalModel, work_tokens: int | None = None):
+    """The generation backend (a BackendChoice) for `model` and about `work_tokens` generated tokens."""
     from thinksafe.generation import pick_backend
 
     try:
-        return pick_backend(backend, work_tokens)
+        return pick_backend(backend, work_tokens, adapter=model.adapter is not None)
     except (ValueError, RuntimeError) as err:
         raise EvaluateError(str(err)) from None
 
@@ -159,7 +159,7 @@ def loadable_source(model: EvalModel) -> str:
 def make_policy_generator(model: EvalModel, backend, args):
     from thinksafe.generation import make_generator
 
-    common = {"device": args.device, "batch_size": args.batch_size,
+    common = {"device": args.device, "batch_size": args.batch_size, "seed": args.seed,
               "tensor_parallel_size": args.tensor_parallel_size,
               "gpu_memory_utilization": args.gpu_memory_utilization}
     common = {k: v for k, v in common.items() if v is not None}

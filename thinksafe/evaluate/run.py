@@ -51,14 +51,14 @@ def evaluate(args) -> list[dict]:
         resolve_device(args.device)
     model = resolve_eval_model(args.model, args.run_name, args.model_type)
     check_model_source(model.source)
-    jobs = plan_jobs(args, model, choose_backend(args.backend).name)
+    jobs = plan_jobs(args, model, choose_backend(args.backend, model).name)
     require_writable_dir(paths_for_name(model.run_name).results, "results directory")
     todo = select_todo(jobs, args.overwrite, args.rescore)
 
     results = [write_results(job, model, run_skythought(job, model, args), None, None)
                for job in todo if job.via_skythought]
     builtin = [job for job in todo if not job.via_skythought]
-    backend = choose_backend(args.backend, generation_work(builtin))
+    backend = choose_backend(args.backend, model, generation_work(builtin))
     logger.info("run %s: %s (%s family), backend %s (%s)", model.run_name, model.requested, model.family.name,
                 backend.name, backend.reason)
     generate_all(builtin, model, backend, args)

@@ -47,11 +47,11 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
         validate_guard_name(name_or_path, style)
     spec = spec_for(name_or_path, style)
 
-    from thinksafe.generation import pick_backend
+    from thinksafe.generation import GUARD, pick_backend
     from thinksafe.models import default_device, load_model, load_tokenizer, resolve_model_path
 
     try:
-        chosen_backend = "transformers" if model is not None else pick_backend(backend, work_tokens).name
+        chosen_backend = "transformers" if model is not None else pick_backend(backend, work_tokens, job=GUARD).name
     except (ValueError, RuntimeError) as err:
         raise GuardError(str(err)) from None
     tokenizer = tokenizer or load_tokenizer(spec.source, trust_remote_code=trust_remote_code,

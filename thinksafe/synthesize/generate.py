@@ -96,7 +96,7 @@ def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Genera
         work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
         return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),
                               batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                              reference_topk=cfg.store_reference_topk)
+                              reference_topk=cfg.store_reference_topk, seed=cfg.sampling.seed)
     except (ValueError, RuntimeError) as err:
         if isinstance(err, ThinksafeError):
             raise
