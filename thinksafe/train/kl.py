@@ -134,7 +134,8 @@ class _CachedTopKKL(torch.autograd.Function):
         # float16 rounding of the stored log-probs (kept: this is the gradient of the value returned).
         # = exp(z_j + a) - exp(z_j + b), a = log mass - log Z, b = log tail - log(Q_tail·Z); factored as
         # exp(z_j + m)·(e^(a-m) - e^(b-m)) with m = max(a, b), so no term overflows off the top-k.
-        a = (ref_logprobs.float().exp().sum(-1) + tail).log() - log_z
+        p_top = ref_logprobs.float().exp()
+        a = (p_top.sum(-1) + tail).log() - log_z
         b = torch.where(tail > 0, tail.clamp_min(torch.finfo(torch.float32).tiny).log() - log_tail, float("-inf"))
         m = torch.maximum(a, b)
         scale = grad_kl.float() * ((a - m).exp() - (b - m).exp())
@@ -142,7 +143,7 @@ class _CachedTopKKL(torch.autograd.Function):
             part = slice(start, start + ctx.tile)
             ids, g = ref_ids[part], grad_kl[part].float()[:, None]
             grad = _tile_logits(hidden[part], weight, bias, ctx.logit_scale)
-            top = (grad.gather(1, ids) + a[part, None]).exp() - ref_logprobs[part].float().exp()
+            top = (grad.gather(1, ids) + a[part, None]).exp() - p_top[part]
             grad.add_(m[part, None]).exp_().mul_(scale[part, None]).scatter_(1, ids, top * g)
             if ctx.logit_scale != 1.0:
                 grad.mul_(ctx.logit_scale)
