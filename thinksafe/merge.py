@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.locks import writer_lock
 from thinksafe.registry import RunPaths, paths_for_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -100,9 +101,12 @@ def merge(path: str | Path, output: str | Path | None = None, overwrite: bool = 
     target = Path(output) if output else target
     if adapter is None:
         return target  # nothing to merge: the run already is a full model
-    if is_merged_as(target, dtype) and not overwrite:
-        return target
-    return merge_adapter(adapter, target, dtype=dtype)
+    # the run dir when merging into its `merged` (training writes there too), else the output dir
+    owner = target.parent if target.name == "merged" and (target.parent / "adapter").is_dir() else target
+    with writer_lock(owner, "run directory" if owner != target else "--output"):
+        if is_merged_as(target, dtype) and not overwrite:
+            return target
+        return merge_adapter(adapter, target, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

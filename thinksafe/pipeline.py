@@ -29,6 +29,7 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     thinksafe_cmd,
 )
 from thinksafe.io import atomic_write_text
+from thinksafe.locks import writer_locks
 from thinksafe.merge import ADAPTER_CONFIG
 from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
 from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE
@@ -213,6 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         raise ThinksafeError(f"nothing to evaluate: {plan['path_run_dir']} holds no trained model and "
                              "--no-base skips the base model; train it first or drop --no-base")
     print_plan(plan)
+    if args.eval_only and not trained:
+        print(f"no trained run at {plan['path_run_dir']} (train it with scripts/train_and_eval.sh and the same "
+              "arguments): evaluating the base model only", flush=True)
+    # One writer per run (and per data dir it synthesizes): a second pipeline on this run stops here.
+    # The stages run as children under these locks (thinksafe.locks.HOLDER_ENV).
+    with writer_locks(pipeline_locks(plan, args.eval_only)):
+        return run_stages(plan, args, trained)
+
+
+def pipeline_locks(plan: dict, eval_only: bool) -> list[tuple[Path, str]]:
+    locks = [(Path(plan["path_run_dir"]), "run directory")]
+    if plan.get("dataset_kind") == "self" and not eval_only:
+        locks.append((Path(plan["data_dir"]), "data directory"))
+    return locks
+
+
+def run_stages(plan: dict, args, trained: bool) -> int:
     start = time.time()
     try:
         if args.eval_only:

@@ -36,6 +36,7 @@ from thinksafe.evaluate.score import (
     write_results,
 )
 from thinksafe.io import require_writable_dir
+from thinksafe.locks import writer_locks
 from thinksafe.models import free_accelerator_memory
 from thinksafe.registry import paths_for_name
 
@@ -53,6 +54,13 @@ def evaluate(args) -> list[dict]:
     check_model_source(model.source)
     jobs = plan_jobs(args, model, choose_backend(args.backend, model).name)
     require_writable_dir(paths_for_name(model.run_name).results, "results directory")
+    # one writer per task's results, taken before any of them is touched (a pipeline's parallel
+    # evaluation processes hold different tasks)
+    with writer_locks([(job.final_dir, "results directory") for job in jobs]):
+        return evaluate_jobs(jobs, model, args)
+
+
+def evaluate_jobs(jobs: list[Job], model: EvalModel, args) -> list[dict]:
     todo = select_todo(jobs, args.overwrite, args.rescore)
 
     results = [write_results(job, model, run_skythought(job, model, args), None, None)

@@ -11,6 +11,7 @@ from thinksafe.errors import ThinksafeError
 from thinksafe.generation import Generator
 from thinksafe.guards import keep_rule
 from thinksafe.io import swap_in
+from thinksafe.locks import writer_lock
 from thinksafe.models import check_model_source, resolve_device
 from thinksafe.prompts import load_prompts
 from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
@@ -47,6 +48,11 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     started = time.perf_counter()
     check_inputs(cfg, generator, guard)
     prompts = load_prompts(cfg.prompts, cfg.limit, cfg.instruction_column, cfg.label_column)
+    with writer_lock(cfg.out, "--out"):  # one writer per data dir, taken before anything in it is touched
+        return _synthesize(cfg, prompts, generator, guard, started)
+
+
+def _synthesize(cfg: SynthConfig, prompts, generator: Generator | None, guard, started: float) -> SynthResult:
     work = prepare_out_dir(cfg)
 
     generated = generation_phase(cfg, prompts, work, generator)

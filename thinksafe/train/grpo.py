@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from thinksafe.config import parse_training
+from thinksafe.locks import writer_lock
 from thinksafe.config.train import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
 from thinksafe.registry import ModelSpec, grpo_run_name, paths_for_name, resolve_model
 from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and docs import them from grpo)
@@ -131,39 +132,40 @@ def main(argv: list[str] | None = None) -> int:
     check_model_source(spec.source)
     device = config.target_device
     distributed_state(device)  # before anything asks which process is the main one
-    work = prepare_run_dir(paths, args.overwrite)
-    place_trainer(config, work)
-    tokenizer = load_tokenizer(spec.source)
-    tokenizer.padding_side = "left"  # GRPOTrainer generates from left-padded prompts
-    instructions, dataset_spec = load_prompts(args.dataset, spec)
-    dataset, dropped = prompt_dataset(instructions, tokenizer, spec.family, config.max_prompt_length)
-    server_len = served_max_model_len(config.vllm_server_base_url) if config.vllm_server_base_url else None
-    config.max_completion_length = capped_completion_length(config.max_completion_length, config.max_prompt_length,
-                                                            server_len)
-    guard = load_reward_guard(args, device)
-    logger.info("%s: %d prompts (%d too long), guard %s, run %s", args.dataset, len(dataset), dropped,
-                getattr(guard, "label", args.guard), paths.name)
+    with writer_lock(paths.run_dir, "run directory"):  # one writer per run, before anything in it is touched
+        work = prepare_run_dir(paths, args.overwrite)
+        place_trainer(config, work)
+        tokenizer = load_tokenizer(spec.source)
+        tokenizer.padding_side = "left"  # GRPOTrainer generates from left-padded prompts
+        instructions, dataset_spec = load_prompts(args.dataset, spec)
+        dataset, dropped = prompt_dataset(instructions, tokenizer, spec.family, config.max_prompt_length)
+        server_len = served_max_model_len(config.vllm_server_base_url) if config.vllm_server_base_url else None
+        config.max_completion_length = capped_completion_length(config.max_completion_length, config.max_prompt_length,
+                                                                server_len)
+        guard = load_reward_guard(args, device)
+        logger.info("%s: %d prompts (%d too long), guard %s, run %s", args.dataset, len(dataset), dropped,
+                    getattr(guard, "label", args.guard), paths.name)
 
-    opened = template_opened_think(tokenizer, spec.family)  # TRL's completions start after it
-    model = load_model(spec.source, device="cpu", dtype=model_cfg.dtype or default_dtype(device))
-    trainer = GRPOTrainer(
-        model=model.train(),
-        reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
-        args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
-    )
-    checkpoint = resume_checkpoint(work, args.resume)
-    if checkpoint:
-        logger.info("resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    cost = cost_record(started, cpu_started, device, trainer.accelerator.num_processes, args.server_gpus)
-    info = run_info(run, dataset_spec, len(dataset), dropped, guard, checkpoint, cost)
-    info = finish_run(trainer, tokenizer, work, info, started, full_model=not model_cfg.use_peft, final=paths)
-    if trainer.accelerator.is_main_process:
-        write_cost(paths, cost, config.report_to)
-    metrics = summary_metrics(info["log_history"])
-    print(f"GRPO {paths.name}: {cost['wall_seconds']:.0f} s, reward {metrics.get('reward', float('nan')):.3f}; "
-          f"saved {info['saved']}")
-    return 0
+        opened = template_opened_think(tokenizer, spec.family)  # TRL's completions start after it
+        model = load_model(spec.source, device="cpu", dtype=model_cfg.dtype or default_dtype(device))
+        trainer = GRPOTrainer(
+            model=model.train(),
+            reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
+            args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
+        )
+        checkpoint = resume_checkpoint(work, args.resume)
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        cost = cost_record(started, cpu_started, device, trainer.accelerator.num_processes, args.server_gpus)
+        info = run_info(run, dataset_spec, len(dataset), dropped, guard, checkpoint, cost)
+        info = finish_run(trainer, tokenizer, work, info, started, full_model=not model_cfg.use_peft, final=paths)
+        if trainer.accelerator.is_main_process:
+            write_cost(paths, cost, config.report_to)
+        metrics = summary_metrics(info["log_history"])
+        print(f"GRPO {paths.name}: {cost['wall_seconds']:.0f} s, reward {metrics.get('reward', float('nan')):.3f}; "
+              f"saved {info['saved']}")
+        return 0
 
 
 def run_info(run: GRPORun, dataset_spec, prompts: int, dropped: int, guard, checkpoint, cost: dict) -> dict:

@@ -13,6 +13,7 @@ import os
 import time
 
 from thinksafe.config import parse_training
+from thinksafe.locks import writer_lock
 from thinksafe.config.train import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
 from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, run_paths
 from thinksafe.train.common import (
@@ -67,9 +68,8 @@ def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
-    from thinksafe.train.data import GENERATED_IDS, build_train_dataset, make_collator, read_train_rows
-    from thinksafe.train.kl import KLSFTTrainer
+    from thinksafe.models import check_model_source
+    from thinksafe.train.data import read_train_rows
 
     started = time.time()
     # Everything that can be checked without a model is checked first: arguments, device, data.
@@ -82,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     data = read_train_rows(run.dataset, spec, sft.use_kl, kl_on_unfinished=sft.kl_on_unfinished)
     reference = cached_reference(sft, data, run.dataset, spec)
     distributed_state(sft.target_device)  # before anything asks which process is the main one
+    with writer_lock(paths.run_dir, "run directory"):  # one writer per run, before anything in it is touched
+        return train_run(model_cfg, run, sft, cfg, data, reference, started)
+
+
+def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunConfig, data, reference,
+              started: float) -> int:
+    """Train into the run dir, whose writer lock the caller holds."""
+    from thinksafe.models import default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
+    from thinksafe.train.data import GENERATED_IDS, build_train_dataset, make_collator
+    from thinksafe.train.kl import KLSFTTrainer
+
+    spec, paths = cfg.model, run_paths(cfg)
     work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, data), run.skip_finished)
     if work is None:
         print(f"{paths.run_dir} already finished with the same data and settings: skipping training")
