@@ -300,7 +300,7 @@ def test_6_rerun_keeping_zero_rows_leaves_the_earlier_set(tiny_qwen3, tmp_path):
     generator = ScriptedGenerator(_tokenizer(tiny_qwen3), FAMILIES["demo"], script)
     first = synthesize(_config(tmp_path, prompts, family="demo"), generator=generator)
     stats_before, rows_before = first.stats_file.read_text(), first.train_file.read_text()
-    with pytest.raises(ThinksafeError, match="kept 0 of 1 responses; .* unchanged"):
+    with pytest.raises(ThinksafeError, match="kept 0 of the 1 complete responses it judged .*; .* unchanged"):
         synthesize(_config(tmp_path, prompts, family="demo", limit=1), generator=generator)
     assert first.stats_file.read_text() == stats_before and first.train_file.read_text() == rows_before
     rejected = json.loads((first.stats_file.parent / "stats.rejected.json").read_text())

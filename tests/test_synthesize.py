@@ -191,7 +191,7 @@ def test_several_samples_cap_and_per_prompt_counts(tmp_path, tiny_qwen3):
 
 def test_non_thinking_family_drops_unfinished(tmp_path, tiny_qwen3):
     cfg = _config(tmp_path, write_prompts(tmp_path / "p.jsonl"), family="demo")
-    with pytest.raises(ThinksafeError, match="kept 0 of 0 responses"):
+    with pytest.raises(ThinksafeError, match=r"kept 0 of the 0 complete responses it judged \(5 generated; dropped: 5 unfinished\)"):
         synthesize(cfg, generator=ScriptedGenerator(_tokenizer(tiny_qwen3), cfg.model.family, finished=False))
     stats = json.loads((cfg.out / "stats.json").read_text())
     assert stats["dropped"] == {"unfinished": {"harmful": 3, "benign": 2, "total": 5}}

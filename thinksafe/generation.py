@@ -338,6 +338,71 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+# The prompts (by characters) whose token counts are measured for the context check: a prompt's
+# tokens grow with its characters, and tokenising every prompt of a 10k-row set costs seconds.
+LONGEST_PROMPTS_CHECKED = 32
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model_source: str) -> tuple[int | None, str]:
+    """(tokens, the config key that says so) of a model's context, read from its config.json without
+    loading it; (None, '') where no config says (the check is then left to the engine)."""
+    import json
+    from pathlib import Path
+
+    from thinksafe.models import resolve_model_path
+
+    path = Path(resolve_model_path(model_source))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_source), "config.json")
+        except Exception:  # not a hub id either: nothing to read
+            return None, ""
+        if not isinstance(cached, str):
+            return None, ""
+        config_file = Path(cached)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ""
+    for section in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key], key
+    return None, ""
+
+
+def check_fits_context(model_source: str, family: Family, prompts: list[str], max_new_tokens: int,
+                       flag: str = "--max-new-tokens", enable_thinking: bool = True, tokenizer=None,
+                       trust_remote_code: bool = False) -> None:
+    """The token budget plus the longest prompt (as the engine gets it: chat template applied) fits
+    the model's context, checked before any engine starts; else one line naming the model's limit.
+    vLLM refused such a request only after its engine had started (and on CPU, or with transformers,
+    generation beyond the positions the model was trained on is garbage, or an index error)."""
+    from thinksafe.errors import ThinksafeError
+
+    limit, key = context_length(model_source)
+    if limit is None:
+        return
+    longest = 0
+    if prompts:
+        if tokenizer is None:
+            from thinksafe.models import load_tokenizer, resolve_model_path
+
+            tokenizer = load_tokenizer(resolve_model_path(model_source), trust_remote_code=trust_remote_code)
+        candidates = sorted(set(prompts), key=len, reverse=True)[:LONGEST_PROMPTS_CHECKED]
+        longest = max(len(generation_prompt_ids(tokenizer, p, family, enable_thinking)) for p in candidates)
+    if max_new_tokens + longest > limit:
+        fix = (f"lower {flag} to at most {limit - longest}" if longest < limit
+               else "shorten the prompts")
+        raise ThinksafeError(f"{flag} {max_new_tokens} + the longest prompt ({longest} tokens) = "
+                             f"{max_new_tokens + longest} tokens, over the context of {model_source}: "
+                             f"{limit} tokens ({key} in its config.json); {fix}")
+
+
 GENERATION, GUARD = "generation", "guard"  # what a job runs, for `auto` on a CPU
 
 

@@ -33,6 +33,28 @@ def give_normal_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def give_tree_normal_mode(root: Path) -> None:
+    """Every file and directory under `root` (itself included) gets the mode the umask gives.
+
+    For what libraries write with their own modes: safetensors (0.8) creates its files 0600 whatever
+    the umask, so a group directory could not read a colleague's adapter or merged model while every
+    other file there was readable. Called on weights we just wrote, never on a user's directory.
+    """
+    root = Path(root)
+    if root.is_file():
+        give_normal_mode(root)
+        return
+    if not root.is_dir():
+        return
+    give_normal_mode(root, directory=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            give_normal_mode(Path(dirpath) / name, directory=True)
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                give_normal_mode(Path(dirpath) / name)
+
+
 def make_staging_dir(target: Path) -> Path:
     """An empty directory beside `target` (same filesystem, so the final rename is atomic)."""
     target = Path(target)

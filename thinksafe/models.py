@@ -88,13 +88,14 @@ def convert_demo_model(target: Path) -> Path:
 def save_model_atomically(model, tokenizer, target: Path) -> Path:
     """Save model + tokenizer to a temp dir beside `target`, then swap it in: an interrupted save
     never leaves a half-written model where a later stage would load it."""
-    from thinksafe.io import make_staging_dir, swap_in
+    from thinksafe.io import give_tree_normal_mode, make_staging_dir, swap_in
 
     target = Path(target)
     staging = make_staging_dir(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        give_tree_normal_mode(staging)  # safetensors writes 0600: the weights follow the umask like the rest
         swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,6 +183,25 @@ def require_downloadable(source: str) -> None:
     except Exception as err:  # DNS, proxy, TLS, timeout: whatever keeps the hub out of reach
         raise ModelLoadError(f"cannot reach the hub to download {source} ({_first_line(err)}): download it where "
                              "the hub is reachable, or set HF_HUB_OFFLINE=1 to use the local cache") from None
+
+
+def require_reachable_dataset(repo_id: str, what: str) -> None:
+    """One request, no retries, before `datasets.load_dataset` of a hub dataset: with the hub out of
+    reach the load retried for 25-29 s, a warning a try, before failing. Offline (HF_HUB_OFFLINE) the
+    local cache is used and nothing is probed; a missing or gated dataset is left to the load, whose
+    own message the callers turn into one line."""
+    if hub_offline():
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except (GatedRepoError, RepositoryNotFoundError):
+        return
+    except Exception as err:  # DNS, proxy, TLS, timeout: whatever keeps the hub out of reach
+        raise ModelLoadError(f"cannot reach the hub to load the dataset {repo_id} for {what} ({_first_line(err)}): "
+                             "set HF_HUB_OFFLINE=1 to use the local cache, or pass a local file") from None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False, require_template: bool = True):

@@ -57,10 +57,15 @@ def _load_dataset(source: str):
                 raise PromptError(f"{path}: unsupported prompt file type; use one of {', '.join(LOCAL_FORMATS)}")
             if path.stat().st_size == 0:
                 raise PromptError(f"{path}: the prompt file is empty")
+            if LOCAL_FORMATS[path.suffix.lower()] == "json":
+                check_json_file(path)  # datasets' own parse error names no line
             return _quiet_local_load(LOCAL_FORMATS[path.suffix.lower()], path)
         if source in PROMPT_SOURCES or "/" in source:
+            from thinksafe.models import require_reachable_dataset
+
+            require_reachable_dataset(target, "synthesis prompts")
             return load_dataset(target, split=HUB_SPLIT)
-    except PromptError:
+    except ThinksafeError:
         raise
     except Exception as err:  # datasets raises many types (network, parsing); name the source, one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -69,6 +74,23 @@ def _load_dataset(source: str):
         f"unknown prompt source {source!r}; choose {', '.join([*PROMPT_SOURCES, DEMO_PROMPTS])}, "
         "a local .json/.jsonl/.csv file or a hub dataset id"
     )
+
+
+def check_json_file(path: Path) -> None:
+    """A .json file holding one JSON document, or a .json/.jsonl file of JSON lines; anything else is
+    one line naming the file and the line."""
+    import json
+
+    from thinksafe.io import read_jsonl, read_text
+
+    text = read_text(path)
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # perhaps JSON lines under a .json name, as datasets accepts
+    read_jsonl(path)
 
 
 def _quiet_local_load(builder: str, path: Path):

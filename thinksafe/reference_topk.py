@@ -93,8 +93,11 @@ def write_store(path: Path, entries: dict[str, TopK], k: int, meta: dict | None 
     save_file(arrays, str(staging), metadata=metadata)
     import os
 
+    from thinksafe.io import give_normal_mode
+
     with open(staging, "rb") as handle:
         os.fsync(handle.fileno())
+    give_normal_mode(staging)  # safetensors writes 0600 whatever the umask
     os.replace(staging, path)
 
 

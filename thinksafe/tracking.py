@@ -4,7 +4,10 @@
 `offline`, `none`. WANDB_MODE set by the user always wins. `auto` never goes online by itself: a
 configured key says nothing about the network, and an unreachable or rejected server stalled the
 first log call ~90 s and then crashed training. Offline runs are written under the output
-directory (outputs/wandb/), not the current one. We never read, print or ask for the key itself.
+directory (outputs/wandb/), not the current one. `wandb` (online) is checked before anything is
+written: one request with a short timeout asks the server who the key belongs to, so a rejected key
+or an unreachable server is one line then, not a traceback after the model loaded (a wrong key
+stalled 98 s there). The key is sent to the wandb server only, and never printed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc().authenticators(_wandb_host()) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
@@ -41,8 +44,71 @@ def wandb_mode(report_to: str = "auto") -> str:
 
             raise ThinksafeError("--report-to wandb: not logged in (run `wandb login` or set WANDB_API_KEY); "
                                  "or log offline with --report-to offline")
+        check_wandb_online()
         return "online"
     return "offline"
+
+
+WANDB_PROBE_TIMEOUT_S = 10
+
+
+def _wandb_key() -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    try:
+        entry = netrc.netrc().authenticators(_wandb_host())
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return None
+    return entry[2] if entry else None
+
+
+def _wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(_wandb_base_url()).hostname or "api.wandb.ai"
+
+
+_checked_online: set[str] = set()
+
+
+def check_wandb_online() -> None:
+    """One GraphQL request (`viewer`) with the key, no retries: a ThinksafeError naming the fix when
+    the server is out of reach or rejects the key. Checked once per process."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    from thinksafe.errors import ThinksafeError
+
+    base = _wandb_base_url()
+    if base in _checked_online:
+        return
+    key = _wandb_key() or ""
+    request = urllib.request.Request(
+        f"{base}/graphql", data=json.dumps({"query": "query { viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()})
+    offline = "or log offline with --report-to offline (`wandb sync` uploads it later)"
+    try:
+        with urllib.request.urlopen(request, timeout=WANDB_PROBE_TIMEOUT_S) as response:
+            viewer = (json.loads(response.read() or b"{}").get("data") or {}).get("viewer")
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ThinksafeError(f"--report-to wandb: {base} rejected the API key (HTTP {err.code}): run "
+                                 f"`wandb login --relogin` or fix WANDB_API_KEY, {offline}") from None
+        raise ThinksafeError(f"--report-to wandb: {base} answered HTTP {err.code}; {offline}") from None
+    except (OSError, ValueError) as err:  # DNS, refused, TLS, timeout, a non-JSON answer
+        reason = getattr(err, "reason", None) or err
+        raise ThinksafeError(f"--report-to wandb: cannot reach {base} ({reason}); {offline}") from None
+    if not viewer:
+        raise ThinksafeError(f"--report-to wandb: {base} does not know this API key: run `wandb login --relogin` "
+                             f"or fix WANDB_API_KEY, {offline}")
+    _checked_online.add(base)
 
 
 def wandb_dir() -> Path:

@@ -31,10 +31,13 @@ def recipe_path(family: str, stage: str) -> Path:
 def read_yaml(path: Path) -> dict:
     import yaml
 
+    from thinksafe.io import read_text
+
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
+    text = read_text(path)  # a non-UTF-8 file is one line naming the file and the line, not a traceback
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -52,16 +55,24 @@ def stage_section(data: dict, stage: str) -> dict:
     return dict(section)
 
 
-def recipe_values(family: str | None, stage: str, config: str | None = None) -> dict:
-    """The values laid over the dataclass defaults, in order: family recipe, THINKSAFE_RECIPE, --config."""
-    values: dict = {}
+def recipe_sources(family: str | None, stage: str, config: str | None = None) -> list[tuple[str, dict]]:
+    """(file, values) laid over the dataclass defaults, in order: family recipe, THINKSAFE_RECIPE, --config."""
+    sources: list[tuple[str, dict]] = []
     if family and recipe_path(family, stage).is_file():
-        values.update(read_yaml(recipe_path(family, stage)))
+        sources.append((str(recipe_path(family, stage)), read_yaml(recipe_path(family, stage))))
     override = os.environ.get(RECIPE_OVERRIDE_ENV)
     if override:
-        values.update(stage_section(read_yaml(Path(override)), stage))
+        sources.append((f"{RECIPE_OVERRIDE_ENV}={override}", stage_section(read_yaml(Path(override)), stage)))
     if config:
-        values.update(stage_section(read_yaml(Path(config)), stage))
+        sources.append((config, stage_section(read_yaml(Path(config)), stage)))
+    return sources
+
+
+def recipe_values(family: str | None, stage: str, config: str | None = None) -> dict:
+    """The values laid over the dataclass defaults (recipe_sources, later ones winning)."""
+    values: dict = {}
+    for _, section in recipe_sources(family, stage, config):
+        values.update(section)
     return values
 
 
@@ -107,8 +118,9 @@ def parse_stage(stage: str, types: tuple, argv: list[str] | None, family: str | 
     config = peek(argv, "config")["config"]
     parser = OneLineParser(types, prog=prog)
     parser.add_argument("--config", help="a recipe or run record (YAML) laid over the family's recipe")
-    source = config or (str(recipe_path(family, stage)) if family else "recipe")
-    apply_defaults(parser, recipe_values(family, stage, config), source)
+    # each file's values applied on their own, so that an unknown key is blamed on the file holding it
+    for source, values in recipe_sources(family, stage, config):
+        apply_defaults(parser, values, source)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a dataclass __post_init__ that is not ours

@@ -47,12 +47,16 @@ logger = logging.getLogger(__name__)
 def evaluate(args) -> list[dict]:
     from thinksafe.models import check_model_source, resolve_device
 
+    from thinksafe.tracking import wandb_mode
+
     # Everything checkable without a model, before any result is touched.
+    wandb_mode(args.report_to)  # an online wandb that rejects the key: one line now, not after the work
     if args.device is not None:
         resolve_device(args.device)
     model = resolve_eval_model(args.model, args.run_name, args.model_type)
     check_model_source(model.source)
     jobs = plan_jobs(args, model, choose_backend(args.backend, model).name)
+    check_contexts(jobs, model)
     require_writable_dir(paths_for_name(model.run_name).results, "results directory")
     # one writer per task's results, taken before any of them is touched (a pipeline's parallel
     # evaluation processes hold different tasks)
@@ -73,6 +77,22 @@ def evaluate_jobs(jobs: list[Job], model: EvalModel, args) -> list[dict]:
     results += score_all(builtin, model, backend, args)
     log_to_wandb(model, results, args.report_to)
     return results
+
+
+def check_contexts(jobs: list[Job], model: EvalModel) -> None:
+    """Each task's token budget plus its longest prompt within the model's context, before any engine."""
+    from thinksafe.generation import check_fits_context
+
+    tokenizer = None
+    for job in jobs:
+        if job.via_skythought or not job.items:
+            continue
+        if tokenizer is None:
+            from thinksafe.models import load_tokenizer, resolve_model_path
+
+            tokenizer = load_tokenizer(resolve_model_path(model.source))
+        check_fits_context(model.source, model.family, [item.prompt for item in job.items],
+                           job.sampling.max_new_tokens, flag=f"{job.task.name}: --max-new-tokens", tokenizer=tokenizer)
 
 
 def generate_all(jobs: list[Job], model: EvalModel, backend, args) -> None:

@@ -303,7 +303,10 @@ def _read_local(path: Path) -> list[dict]:
 def _load_hub(task: TaskSpec) -> list[dict]:
     import datasets
 
+    from thinksafe.models import require_reachable_dataset
+
     hub = task.hub
+    require_reachable_dataset(hub.id, f"task {task.name} (or pass --data-file {task.name}=FILE)")
     try:
         ds = datasets.load_dataset(hub.id, hub.config, split=hub.split)
     except Exception as err:  # any hub failure becomes one line that names the fix

@@ -100,5 +100,20 @@ def refuse_empty_set(cfg: SynthConfig, work: Path, stats: dict, judged: int) -> 
         (work / REFERENCE_TOPK_FILE).unlink(missing_ok=True)
         outcome = "nothing to train on"
     atomic_write_json(counts_file, stats)
-    raise ThinksafeError(f"the guard kept 0 of {judged} responses; {outcome} (counts in {counts_file}; "
+    raise ThinksafeError(f"{empty_set_counts(stats, judged)}; {outcome} (counts in {counts_file}; "
                          "try more prompts, --samples-per-prompt or --max-new-tokens)")
+
+
+def empty_set_counts(stats: dict, judged: int) -> str:
+    """Where the generated responses went, so that 'kept 0' never reads as 'nothing was judged': the
+    unfinished benign responses judged for KL (--keep-unfinished-benign) are not train rows."""
+    generated = stats.get("generated", {}).get("total", judged)
+    dropped = {reason: counts.get("total", 0) for reason, counts in stats.get("dropped", {}).items()}
+    before = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count)
+    text = f"the guard kept 0 of the {judged} complete responses it judged ({generated} generated"
+    text += f"; dropped: {before})" if before else ")"
+    unfinished = stats.get("unfinished_benign")
+    if unfinished and unfinished.get("judged"):
+        text += (f"; the {unfinished['judged']} unfinished benign responses judged for the KL term "
+                 f"({unfinished.get('kept', 0)} kept) are no training rows on their own")
+    return text

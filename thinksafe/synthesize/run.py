@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.generation import Generator
+from thinksafe.generation import Generator, check_fits_context
 from thinksafe.guards import keep_rule
 from thinksafe.io import swap_in
 from thinksafe.locks import writer_lock
 from thinksafe.models import check_model_source, resolve_device
 from thinksafe.prompts import load_prompts
+from thinksafe.synthesize.completion import steer
 from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
 from thinksafe.synthesize.dataset import assemble
 from thinksafe.synthesize.generate import generation_phase
@@ -48,6 +49,10 @@ def synthesize(cfg: SynthConfig, generator: Generator | None = None, guard=None)
     started = time.perf_counter()
     check_inputs(cfg, generator, guard)
     prompts = load_prompts(cfg.prompts, cfg.limit, cfg.instruction_column, cfg.label_column)
+    if generator is None:  # the model's context, before any engine starts (a given generator is the caller's)
+        check_fits_context(cfg.model.source, cfg.model.family,
+                           [steer(p.instruction, p.harmful, cfg.steer_prefix) for p in prompts],
+                           cfg.sampling.max_new_tokens, trust_remote_code=cfg.trust_remote_code)
     with writer_lock(cfg.out, "--out"):  # one writer per data dir, taken before anything in it is touched
         return _synthesize(cfg, prompts, generator, guard, started)
 

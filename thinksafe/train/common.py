@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
-from thinksafe.io import atomic_write_json, read_json, require_writable_dir, swap_in
+from thinksafe.io import atomic_write_json, give_tree_normal_mode, read_json, require_writable_dir, swap_in
 from thinksafe.registry import DEFAULT_KL_REFERENCE, RunPaths, parse_positive_int
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def finish_run(trainer, tokenizer, paths: RunPaths, info: dict, started: float, 
             "log_history": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(target))
+        give_tree_normal_mode(target)  # safetensors writes 0600: the weights follow the umask like the rest
         atomic_write_json(paths.run_dir / RUN_INFO, info)
         if paths.run_dir != final.run_dir:
             swap_in(paths.run_dir, final.run_dir)
@@ -198,6 +199,19 @@ def summary_metrics(log_history: list[dict]) -> dict:
     for entry in log_history:
         merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     return merged
+
+
+def umask_modes_callback():
+    """A TrainerCallback that gives each checkpoint the modes the umask gives (safetensors writes its
+    weights 0600): a checkpoint is what a resume, or a colleague, reads next."""
+    from transformers import TrainerCallback
+
+    class UmaskModes(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                give_tree_normal_mode(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return UmaskModes()
 
 
 def idle_cpu_threads_callback():

@@ -87,6 +87,9 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
             raise DatasetError(f"{path} holds no .jsonl file")
         return [record for file in files for record in read_jsonl(file)]  # errors name file:line
     else:
+        from thinksafe.models import require_reachable_dataset
+
+        require_reachable_dataset(source, "training")
         try:
             loaded = datasets.load_dataset(source, split="train")
         except Exception as err:  # the hub raises many types; the user needs one line
@@ -356,17 +359,29 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
                 logger.warning("--kl_reference cached: dropped KL rows %s",
                                {k: v for k, v in drops.items() if k != GENERATED_IDS})
             dataset = fingerprinted_dataset(columns, key)
-            staging = target.with_name(target.name + ".partial")
-            dataset.save_to_disk(str(staging))
-            (staging / REFERENCE_DROPS_FILE).write_text(json.dumps(drops))
-            if target.exists():
-                import shutil
+            try:
+                _save_tokenized(dataset, drops, target)
+            except OSError as err:
+                from thinksafe.cli import FILESYSTEM_REFUSALS
 
-                shutil.rmtree(target)
-            staging.rename(target)
+                if err.errno not in FILESYSTEM_REFUSALS:
+                    raise
+                raise DatasetError(f"cannot write the tokenisation cache {target.parent} ({err.strerror}): set "
+                                   "THINKSAFE_CACHE to a writable directory (the cache moves with it)") from None
         if dropped is not None and (target / REFERENCE_DROPS_FILE).exists():
             dropped.update(json.loads((target / REFERENCE_DROPS_FILE).read_text()))
         return datasets.load_from_disk(str(target))
+
+
+def _save_tokenized(dataset, drops: dict, target: Path) -> None:
+    staging = target.with_name(target.name + ".partial")
+    dataset.save_to_disk(str(staging))
+    (staging / REFERENCE_DROPS_FILE).write_text(json.dumps(drops))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    staging.rename(target)
 
 
 class LoadedDataset(NamedTuple):

@@ -44,6 +44,7 @@ from thinksafe.train.common import (
     prepare_run_dir,
     resume_checkpoint,
     summary_metrics,
+    umask_modes_callback,
 )
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model.train(),
             reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
             args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
+            callbacks=[umask_modes_callback()],
         )
         checkpoint = resume_checkpoint(work, args.resume)
         if checkpoint:

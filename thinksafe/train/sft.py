@@ -25,6 +25,7 @@ from thinksafe.train.common import (
     prepare_run_dir,
     resume_checkpoint,
     summary_metrics,
+    umask_modes_callback,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,14 @@ def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
     """What run_record.json holds: the family, the dataset's content hash and every setting that decides the run."""
     settings = content_settings(model_cfg, sft)
     return {"dataset": run.dataset, "family": cfg.model.family.name, "run_name": run_paths(cfg).name,
-            "settings": {"model": cfg.model.source, "dataset_sha256": data.sha256, **settings}}
+            "settings": {"model": cfg.model.source, "dataset_sha256": data.sha256, **settings},
+            # how, not what: outside "settings", so a resume on other hardware may differ here
+            "kernels": liger_kernels(sft)}
+
+
+def liger_kernels(sft) -> dict:
+    """Which layer kernels this run uses, and whether `--use_liger_kernel` or the default chose them."""
+    return {"liger": bool(sft.use_liger_kernel), "chosen_by": getattr(sft, "liger_kernel_chosen_by", "flag")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +125,7 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
         ref_model=full_finetune_reference(model, model_cfg, sft),
         # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
         weighting=sft.kl_weighting if sft.use_kl else TOKEN_WEIGHTING,
-        callbacks=[idle_cpu_threads_callback()] if on_one_cpu_process else None,
+        callbacks=[umask_modes_callback(), *([idle_cpu_threads_callback()] if on_one_cpu_process else [])],
     )
     checkpoint = resume_checkpoint(work, run.resume)
     if checkpoint:
@@ -161,7 +169,8 @@ def run_info(cfg: RunConfig, model_cfg, run: RunArguments, sft, data, paths, cou
         "full_finetune": not model_cfg.use_peft, "resumed_from": checkpoint,
         "effective_batch_size": sft.effective_batch_size, "learning_rate": sft.learning_rate,
         "processes": processes, "per_device_batch_size": sft.per_device_train_batch_size,
-        "gradient_accumulation_steps": sft.gradient_accumulation_steps, "paths": paths.to_dict(),
+        "gradient_accumulation_steps": sft.gradient_accumulation_steps, "kernels": liger_kernels(sft),
+        "paths": paths.to_dict(),
     }
 
 
