@@ -50,24 +50,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=os.environ.get("THINKSAFE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from thinksafe.console import attach_from_env, say
     from thinksafe.errors import ThinksafeError
+
+    attach_from_env()  # under the pipeline: this stage's own lines also go to its terminal
 
     try:
         module = importlib.import_module(STAGES[stage][0])
         return int(module.main(rest) or 0)
     except ThinksafeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", error=True)
         return 2
     except KeyboardInterrupt:
         # Every stage writes through resumable logs and atomic renames: the state on disk is valid.
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        say(f"\n{INTERRUPTED}", error=True)
         return EXIT_INTERRUPTED
     except OSError as err:
         if err.errno not in FILESYSTEM_REFUSALS:
             raise
         # Filesystem refusals a stage did not foresee (a read-only cache, a full disk, a file where a
         # directory belongs): the user's to fix, so one line, not a traceback.
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        say(f"error: {describe_os_error(err)}", error=True)
         return 2
 
 

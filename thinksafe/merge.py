@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
 from thinksafe.locks import writer_lock
 from thinksafe.registry import RunPaths, paths_for_name
@@ -118,5 +119,5 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the saved weights; the merge itself is float32. bfloat16 halves the size "
                              "but rounds away most of a LoRA update (see the module docstring)")
     args = parser.parse_args(argv)
-    print(merge(args.path, args.output, args.overwrite, args.dtype))
+    say(str(merge(args.path, args.output, args.overwrite, args.dtype)))
     return 0

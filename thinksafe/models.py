@@ -8,6 +8,7 @@ directory once to the cache; every later load reads that directory.
 
 from __future__ import annotations
 
+from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
 
 import logging
@@ -72,7 +73,7 @@ def is_converted(target: Path) -> bool:
 
 def convert_demo_model(target: Path) -> Path:
     gguf = find_demo_gguf()
-    print(f"thinksafe: converting the embedded demo model {gguf.name} to {target} (first use only)", flush=True)
+    say(f"thinksafe: converting the embedded demo model {gguf.name} to {target} (first use only)")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -1,15 +1,17 @@
 """Live progress of a long phase: done/total, rate and ETA, as plain lines.
 
-Hand-written rather than a tqdm bar on purpose: every stage's output is teed by the pipeline into a
-log file and shown in the terminal line by line, where a redrawn bar is unreadable, and the units
-that matter (samples generated, rows judged) finish inside a batch, below a chunk's granularity.
-A line is printed at most every `every_s` seconds, and once at the end.
+Hand-written rather than a tqdm bar on purpose: a stage's output goes to a log file, where a redrawn
+bar is unreadable, and the units that matter (samples generated, rows judged) finish inside a batch,
+below a chunk's granularity. A line is printed at most every `every_s` seconds, and once at the end;
+under the pipeline each line also goes to its terminal (thinksafe.console), redrawn in place there.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+from thinksafe import console
 
 DEFAULT_EVERY_S = 10.0
 
@@ -45,12 +47,14 @@ class Progress:
         if self.clock() - self.last_shown >= self.every_s:
             self.show()
 
-    def show(self) -> None:
+    def show(self, final: bool = False) -> None:
         self.last_shown = self.clock()
-        print(self.line(), file=self.stream, flush=True)
+        line = self.line()
+        print(line, file=self.stream, flush=True)
+        console.progress(line, final=final)
 
     def close(self) -> None:
-        self.show()
+        self.show(final=True)
 
     def __enter__(self) -> "Progress":
         return self
@@ -82,3 +86,31 @@ def vllm_progress(progress: Progress | None):
             self.fp.close()
 
     return Forward
+
+
+def trainer_progress_callback(label: str = "train"):
+    """A TrainerCallback that reports optimizer steps through Progress (rate and ETA on the pipeline's
+    terminal; the Trainer's own bar and loss dicts stay in the log), the last logged loss in its label."""
+    from transformers import TrainerCallback
+
+    class StepProgress(TrainerCallback):
+        progress: Progress | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress(label, state.max_steps, "steps")
+            self.progress.done = state.global_step  # a resumed run starts where it stopped
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(state.global_step - self.progress.done)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is not None and logs and "loss" in logs:
+                self.progress.label = f"{label} (loss {logs['loss']:.4f})"
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    return StepProgress()

@@ -1,5 +1,7 @@
-"""Running the pipeline's steps: each a `python -m thinksafe <stage>` subprocess whose output goes to
-the console and to its log (appended under a dated header), evaluation processes one per free device."""
+"""Running the pipeline's steps: each a `python -m thinksafe <stage>` subprocess whose whole output
+goes to its log (appended under a dated header) and whose own lines (thinksafe.console) go to the
+terminal; evaluation processes one per free device. `--verbose` / THINKSAFE_VERBOSE=1 streams a
+step's whole output to the terminal too, as the stage prints it when run alone."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinksafe.console import Relay, TERMINAL, verbose_from_env
 from thinksafe.errors import ThinksafeError
 
 POLL_SECONDS = 2.0
+FAILED_LOG_LINES = 15  # of a failed step's log, shown under its error line
 
 
 class StepFailed(ThinksafeError):
@@ -42,19 +46,47 @@ def open_log(log: Path, cmd: list[str]):
 
 
 def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> None:
-    """Run one step, its output both on the console (progress) and in its log file."""
-    print(f"\n=== {name}: {' '.join(cmd)}\n    log: {log}", flush=True)
+    """Run one step into its log; its own lines (or, verbose, all its output) on the terminal."""
+    TERMINAL.line(f"\n[{name}] started; log: {log}")
     start = time.time()
     with open_log(log, cmd) as handle:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            handle.write(line)
-        code = proc.wait()
+        code = _tee(cmd, handle, env) if verbose_from_env() else _quiet(cmd, handle, env, name)
     if code != 0:
+        if not verbose_from_env():
+            print(log_tail(log), file=sys.stderr, flush=True)
         raise StepFailed(f"{name} failed (exit {code}); log: {log}")
-    print(f"=== {name}: done in {time.time() - start:.0f} s", flush=True)
+    TERMINAL.line(f"[{name}] done in {time.time() - start:.0f} s")
+
+
+def _tee(cmd: list[str], handle, env: dict | None) -> int:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        handle.write(line)
+    return proc.wait()
+
+
+def _quiet(cmd: list[str], handle, env: dict | None, name: str) -> int:
+    relay = Relay(prefix=f"[{name}] ")
+    try:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=relay.env(env or dict(os.environ)),
+                                pass_fds=(relay.fd,))
+    finally:
+        relay.child_started()
+    try:
+        return proc.wait()
+    finally:
+        relay.close()
+
+
+def log_tail(log: Path, lines: int = FAILED_LOG_LINES) -> str:
+    """The last lines of a step's log, for the terminal when the step failed."""
+    try:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join([f"--- last {len(tail)} lines of {log}:", *tail, "---"])
 
 
 @dataclass
@@ -72,6 +104,7 @@ def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Ta
     pending = list(tasks)
     running: dict[str, tuple[Task, subprocess.Popen, float]] = {}
     results: list[tuple[Task, int]] = []
+    relays: dict[str, Relay] = {}
     while pending or running:
         for device in devices:
             if device not in running and pending:
@@ -79,17 +112,24 @@ def run_tasks_on_devices(tasks: list[Task], devices: list[str]) -> list[tuple[Ta
                 cmd = thinksafe_cmd("evaluate", "--model", task.model, "--tasks", task.name,
                                     "--run-name", task.run_name, *task.extra)
                 handle = open_log(task.log, cmd)
-                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=device_env(device))
-                handle.close()
+                relay = Relay(prefix=f"[eval {task.run_name} / {task.name}] ")
+                try:
+                    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT,
+                                            env=relay.env(device_env(device)), pass_fds=(relay.fd,))
+                finally:
+                    relay.child_started()
+                    handle.close()
+                relays[device] = relay
                 running[device] = (task, proc, time.time())
-                print(f"[eval] {task.run_name} / {task.name} started on {device} (log: {task.log})", flush=True)
+                TERMINAL.line(f"[eval] {task.run_name} / {task.name} started on {device} (log: {task.log})")
         time.sleep(POLL_SECONDS if running else 0)
         for device, (task, proc, started) in list(running.items()):
             code = proc.poll()
             if code is None:
                 continue
             del running[device]
+            relays.pop(device).close()
             results.append((task, code))
             status = "ok" if code == 0 else f"FAILED (exit {code})"
-            print(f"[eval] {task.run_name} / {task.name} {status} after {time.time() - started:.0f} s", flush=True)
+            TERMINAL.line(f"[eval] {task.run_name} / {task.name} {status} after {time.time() - started:.0f} s")
     return results

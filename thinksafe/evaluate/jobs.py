@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate import skythought
 from thinksafe.evaluate.models import EvalModel, EvaluateError, model_version
@@ -214,13 +215,13 @@ def select_todo(jobs: list[Job], overwrite: bool, rescore: bool) -> list[Job]:
             continue
         why = "--overwrite" if overwrite else cached_differences(job)
         if why is None:
-            print(f"{job.task.name}: {metrics} exists with the same settings, skipped "
+            say(f"{job.task.name}: {metrics} exists with the same settings, skipped "
                   "(--overwrite to redo, --rescore to re-judge)")
             continue
         replacing = overwrite or metrics.exists()  # else: an interrupted task, resumed in place
         if replacing and job.final_dir.exists() and any(job.final_dir.iterdir()):
             if not overwrite:
-                print(f"{job.task.name}: {why}: recomputing beside it")
+                say(f"{job.task.name}: {why}: recomputing beside it")
             stage_recompute(job)
         job.task_dir.mkdir(parents=True, exist_ok=True)
         todo.append(job)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+from thinksafe.console import say
 from thinksafe.evaluate.generate import generate_job, generated_rows
 from thinksafe.evaluate.jobs import Job, generation_work, plan_jobs, select_todo
 from thinksafe.evaluate.models import (
@@ -149,5 +150,5 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     for metrics in evaluate(parse_args(argv)):
-        print(format_result(metrics))
+        say(format_result(metrics))
     return 0

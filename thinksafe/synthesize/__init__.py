@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from thinksafe.console import say
 from thinksafe.prompts import DEBUG_PROMPTS
 from thinksafe.registry import resolve_model, synthesized_data_dir
 from thinksafe.synthesize.completion import (
@@ -112,7 +113,7 @@ def config_from_args(args) -> SynthConfig:
 
 def main(argv: list[str] | None = None) -> int:
     result = synthesize(config_from_args(parse_args(argv)))
-    print(summary(result), flush=True)
+    say(summary(result))
     return 0
 
 

@@ -18,6 +18,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from thinksafe.console import say
+from thinksafe.progress import trainer_progress_callback
 from thinksafe.config import parse_training
 from thinksafe.locks import writer_lock
 from thinksafe.config.train import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model.train(),
             reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
             args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
-            callbacks=[umask_modes_callback()],
+            callbacks=[umask_modes_callback(), trainer_progress_callback()],
         )
         checkpoint = resume_checkpoint(work, args.resume)
         if checkpoint:
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.accelerator.is_main_process:
             write_cost(paths, cost, config.report_to)
         metrics = summary_metrics(info["log_history"])
-        print(f"GRPO {paths.name}: {cost['wall_seconds']:.0f} s, reward {metrics.get('reward', float('nan')):.3f}; "
+        say(f"GRPO {paths.name}: {cost['wall_seconds']:.0f} s, reward {metrics.get('reward', float('nan')):.3f}; "
               f"saved {info['saved']}")
         return 0
 

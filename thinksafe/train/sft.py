@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+from thinksafe.console import say
+from thinksafe.progress import trainer_progress_callback
 from thinksafe.config import parse_training
 from thinksafe.locks import writer_lock
 from thinksafe.config.train import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
@@ -104,7 +106,7 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
     spec, paths = cfg.model, run_paths(cfg)
     work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, data), run.skip_finished)
     if work is None:
-        print(f"{paths.run_dir} already finished with the same data and settings: skipping training")
+        say(f"{paths.run_dir} already finished with the same data and settings: skipping training")
         return 0
     place_trainer(sft, work)
     tokenizer = load_tokenizer(spec.source)
@@ -125,7 +127,8 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
         ref_model=full_finetune_reference(model, model_cfg, sft),
         # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
         weighting=sft.kl_weighting if sft.use_kl else TOKEN_WEIGHTING,
-        callbacks=[umask_modes_callback(), *([idle_cpu_threads_callback()] if on_one_cpu_process else [])],
+        callbacks=[umask_modes_callback(), trainer_progress_callback(),
+                   *([idle_cpu_threads_callback()] if on_one_cpu_process else [])],
     )
     checkpoint = resume_checkpoint(work, run.resume)
     if checkpoint:
@@ -139,7 +142,7 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
     info = run_info(cfg, model_cfg, run, sft, data, paths, counts, checkpoint, trainer.accelerator.num_processes)
     info = finish_run(trainer, tokenizer, work, info, started, full_model=not model_cfg.use_peft, final=paths)
     metrics = summary_metrics(info["log_history"])
-    print(f"trained {paths.name} in {info['seconds']:.0f} s: loss {metrics.get('train_loss', float('nan')):.4f}; "
+    say(f"trained {paths.name} in {info['seconds']:.0f} s: loss {metrics.get('train_loss', float('nan')):.4f}; "
           f"saved {info['saved']}")
     return 0
 
