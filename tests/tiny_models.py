@@ -110,7 +110,7 @@ def build_tiny_model(kind: str, out_dir: Path, **shape) -> Path:
     family = "qwen" if kind == "qwen3" else "r1-distill"
     tokenizer = build_tokenizer(family)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40960,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     common.update(shape)
     if kind == "qwen3":

@@ -111,12 +111,14 @@ def writer_lock(directory: Path, what: str = "directory"):
     if _is_worker_rank():
         yield
         return
+    from thinksafe.io import require_writable_dir
+
     directory = Path(directory)
+    require_writable_dir(directory, what)  # a file in the way or a read-only parent: its own one line
     path = lock_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as to every file we write
+    fd, state = _open_and_take(directory, path, what)
     try:
-        state = _take(fd, directory, path, what)
         if state != "held":  # inherited from the pipeline, or no locks on this filesystem
             yield
             return
@@ -129,9 +131,33 @@ def writer_lock(directory: Path, what: str = "directory"):
                 os.environ.pop(HOLDER_ENV, None)
             else:
                 os.environ[HOLDER_ENV] = previous_env
-            os.ftruncate(fd, 0)  # cleared before the flock goes: a holder named in the file is a dead one
+            # removed while still held, so that no directory keeps a lock file after a clean exit; a
+            # newcomer that opened it meanwhile sees it unlinked and opens a fresh one (_open_and_take)
+            path.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _open_and_take(directory: Path, path: Path, what: str) -> tuple[int, str]:
+    """Open the lock file and take it: retried when the file we locked was unlinked by its holder
+    in between (then the path names a newer lock file, the one that counts)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as to every file we write
+        try:
+            state = _take(fd, directory, path, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        if state != "held":
+            return fd, state
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            _claim(fd, directory, what)
+            return fd, state
+        os.close(fd)
 
 
 def _take(fd: int, directory: Path, path: Path, what: str) -> str:
@@ -150,6 +176,11 @@ def _take(fd: int, directory: Path, path: Path, what: str) -> str:
         print(f"warning: {path}: this filesystem has no file locks ({err.strerror}); nothing stops a second "
               f"command from writing {directory} at the same time", file=sys.stderr, flush=True)
         return "unsupported"
+    return "held"
+
+
+def _claim(fd: int, directory: Path, what: str) -> None:
+    """Write our pid and command into the lock we hold; a holder already named there died holding it."""
     previous = _read_holder(fd)
     if previous:
         print(f"note: {what} {directory}: taking over the lock left by {_describe(previous)}, which is no "
@@ -157,7 +188,6 @@ def _take(fd: int, directory: Path, path: Path, what: str) -> str:
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": this_command()})
     os.ftruncate(fd, 0)
     os.pwrite(fd, (record + "\n").encode(), 0)
-    return "held"
 
 
 @contextmanager
