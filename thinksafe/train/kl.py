@@ -125,37 +125,271 @@ class _CachedTopKKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log_z, log_tail = ctx.saved_tensors
-        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grads = _recomputed_grads(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log_z, log_tail, grad_kl,
+                                  ctx.logit_scale, ctx.tile, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def _recomputed_grads(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log_z, log_tail, grad_kl, logit_scale,
+                      tile, wants) -> tuple:
+    """(d hidden, d weight, d bias) of Σ grad_kl · KL, each tile's logits rebuilt from the hidden states.
+
+    Off the top-k, dKL/dz_j = mass·q_j - tail·q_j/Q_tail, where mass = Σ p_top + tail is 1 up to the
+    float16 rounding of the stored log-probs (kept: this is the gradient of the value returned).
+    = exp(z_j + a) - exp(z_j + b), a = log mass - log Z, b = log tail - log(Q_tail·Z); factored as
+    exp(z_j + m)·(e^(a-m) - e^(b-m)) with m = max(a, b), so no term overflows off the top-k.
+    """
+    wants_hidden, wants_weight, wants_bias = wants
+    grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+    tail = ref_tail.float()
+    p_top = ref_logprobs.float().exp()
+    a = (p_top.sum(-1) + tail).log() - log_z
+    b = torch.where(tail > 0, tail.clamp_min(torch.finfo(torch.float32).tiny).log() - log_tail, float("-inf"))
+    m = torch.maximum(a, b)
+    scale = grad_kl.float() * ((a - m).exp() - (b - m).exp())
+    for start in range(0, hidden.size(0), tile):
+        part = slice(start, start + tile)
+        ids, g = ref_ids[part], grad_kl[part].float()[:, None]
+        grad = _tile_logits(hidden[part], weight, bias, logit_scale)
+        top = (grad.gather(1, ids) + a[part, None]).exp() - p_top[part]
+        grad.add_(m[part, None]).exp_().mul_(scale[part, None]).scatter_(1, ids, top * g)
+        if logit_scale != 1.0:
+            grad.mul_(logit_scale)
+        grad = grad.to(weight.dtype)
+        if wants_hidden:
+            grad_hidden[part] = (grad @ weight).to(hidden.dtype)
+        if wants_weight:
+            grad_weight.addmm_(grad.t().float(), hidden[part].float())
+        if wants_bias:
+            grad_bias += grad.float().sum(0)
+    return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+# --- the fused head: each chunk's logits formed once, the KL and its gradients in the forward ------------
+#
+# What `_CachedTopKKL` does in two passes (forward: logits -> KL; backward: logits again -> gradient),
+# this does in one, as Liger's fused linear cross-entropy does for CE: per chunk of tokens the logits
+# are formed once, in the head's dtype, and overwritten in place by their own gradient; the chunk's
+# hidden-state gradient (and, for a trainable head, its share of the weight's) is taken right there, so
+# the backward only scales what the forward stored. One projection fewer per step, and the softmax
+# pieces run as one Triton kernel on a GPU (two passes over the chunk's logits: an online logsumexp
+# of the tail, then the gradient written over them) instead of ~8 separate fp32 passes.
+# No library has this kernel: Liger's and TRL's fused heads take the teacher's hidden states or a
+# label, not a stored top-k with a tail bucket.
+
+
+def _tail_logsumexp_and_grad_torch(logits, top_lse, log_mass, tail, logit_scale):
+    """(log_tail, log_z) per row of `logits` [n, V] whose top-k entries hold -inf; `logits` is then
+    overwritten with dKL/dz (times `logit_scale`, for the chain rule) off the top-k, 0 on it.
+
+    log_tail = logsumexp of the tail logits (log(Q_tail·Z)); log_z = logaddexp(log_tail, top_lse).
+    Off the top-k, dKL/dz_j = exp(z_j + a) - exp(z_j + b), a = log mass - log Z, b = log tail - log_tail,
+    written as exp(z_j + m)·(e^(a-m) - e^(b-m)), m = max(a, b), so nothing overflows (_recomputed_grads).
+    A tail with no tokens (k = V) or no base mass has no bucket: b = -inf.
+    """
+    x = logits.float()  # a copy for 16-bit logits, the tile itself for float32 ones
+    if logit_scale != 1.0:
+        x.mul_(logit_scale)
+    log_tail = torch.logsumexp(x, dim=-1)
+    log_z = torch.logaddexp(log_tail, top_lse)
+    a, m, coef = _grad_coefficients(log_z, log_tail, log_mass, tail, logit_scale)
+    x.add_(m[:, None]).exp_().mul_(coef[:, None])
+    if x is not logits:
+        logits.copy_(x)
+    return log_tail, log_z
+
+
+def _grad_coefficients(log_z, log_tail, log_mass, tail, logit_scale):
+    """(a, m, (e^(a-m) - e^(b-m))·logit_scale) per row: _tail_logsumexp_and_grad_torch's docstring."""
+    a = log_mass - log_z
+    has_bucket = (tail > 0) & (log_tail > float("-inf"))
+    b = torch.where(has_bucket, tail.clamp_min(torch.finfo(torch.float32).tiny).log() - log_tail, float("-inf"))
+    m = torch.maximum(a, b)
+    return a, m, ((a - m).exp() - (b - m).exp()) * logit_scale
+
+
+_TRITON_KERNEL = None
+
+
+def _triton_kernel():
+    """The Triton form of `_tail_logsumexp_and_grad_torch` (built once, on first use)."""
+    global _TRITON_KERNEL
+    if _TRITON_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def tail_logsumexp_and_grad(z_ptr, z_stride, n_cols, logit_scale, top_lse_ptr, log_mass_ptr, tail_ptr,
+                                    log_tail_ptr, log_z_ptr, BLOCK: tl.constexpr):
+            row = tl.program_id(0).to(tl.int64)
+            z_row = z_ptr + row * z_stride
+            offsets = tl.arange(0, BLOCK)
+            # pass 1: online logsumexp of the row (its top-k entries hold -inf: the tail alone)
+            m = float("-inf")
+            s = 0.0
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offsets
+                x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * logit_scale
+                m_new = tl.maximum(m, tl.max(x, 0))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf block so far: nothing to rescale
+                s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
+                m = m_new
+            log_tail = tl.where(s > 0, m + tl.log(s), float("-inf"))
+            top_lse = tl.load(top_lse_ptr + row)
+            hi = tl.maximum(log_tail, top_lse)  # top_lse is finite (k >= 1)
+            log_z = hi + tl.log(tl.exp(log_tail - hi) + tl.exp(top_lse - hi))
+            tail = tl.load(tail_ptr + row)
+            a = tl.load(log_mass_ptr + row) - log_z
+            has_bucket = (tail > 0) & (log_tail > float("-inf"))
+            b = tl.where(has_bucket, tl.log(tl.maximum(tail, 1.1754943508222875e-38)) - log_tail, float("-inf"))
+            mm = tl.maximum(a, b)
+            coef = (tl.exp(a - mm) - tl.exp(b - mm)) * logit_scale
+            # pass 2: the gradient written over the logits (0 where they hold -inf: the top-k, set after)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offsets
+                x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * logit_scale
+                tl.store(z_row + cols, (tl.exp(x + mm) * coef).to(z_ptr.dtype.element_ty), mask=cols < n_cols)
+            tl.store(log_tail_ptr + row, log_tail)
+            tl.store(log_z_ptr + row, log_z)
+
+        _TRITON_KERNEL = tail_logsumexp_and_grad
+    return _TRITON_KERNEL
+
+
+TRITON_BLOCK, TRITON_WARPS = 8192, 16  # a program per token; the row (152k logits for Qwen) in blocks of 8,192
+
+
+def _tail_logsumexp_and_grad_triton(logits, top_lse, log_mass, tail, logit_scale):
+    n, vocab = logits.shape
+    log_tail = torch.empty(n, device=logits.device, dtype=torch.float32)
+    log_z = torch.empty_like(log_tail)
+    _triton_kernel()[(n,)](logits, logits.stride(0), vocab, float(logit_scale), top_lse.contiguous(),
+                           log_mass.contiguous(), tail.contiguous(), log_tail, log_z,
+                           BLOCK=TRITON_BLOCK, num_warps=TRITON_WARPS)
+    return log_tail, log_z
+
+
+def _use_triton(device: torch.device) -> bool:
+    """The Triton kernel on CUDA when triton imports (THINKSAFE_CACHED_KL_TRITON=0 turns it off; =1 forces it,
+    e.g. under TRITON_INTERPRET=1 on a CPU, as the tests do)."""
+    import os
+
+    forced = os.environ.get("THINKSAFE_CACHED_KL_TRITON")
+    if forced is not None:
+        return forced == "1"
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_chunk(hidden, weight, bias, ids, ref_logprobs, tail, logit_scale, use_triton):
+    """(kl [n], gradient of the KL in the chunk's logits [n, V] in the head's dtype) from one projection."""
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+    top = logits.gather(1, ids).float()
+    if logit_scale != 1.0:
+        top = top * logit_scale
+    logits.scatter_(1, ids, float("-inf"))  # the tail alone; the top-k values are kept in `top`
+    p_top, tail = ref_logprobs.float().exp(), tail.float()
+    log_mass = (p_top.sum(-1) + tail).log()
+    fn = _tail_logsumexp_and_grad_triton if use_triton else _tail_logsumexp_and_grad_torch
+    log_tail, log_z = fn(logits, torch.logsumexp(top, dim=-1), log_mass, tail, logit_scale)
+    model_top = top - log_z[:, None]
+    has_bucket = (tail > 0) & (log_tail > float("-inf"))
+    model_tail = torch.where(has_bucket, log_tail - log_z, 0.0)  # no bucket: its term is 0 (see above)
+    kl = (p_top * (ref_logprobs.float() - model_top)).sum(-1) + torch.xlogy(tail, tail) - tail * model_tail
+    # on the top-k: dKL/dz_j = mass·q_j - p_j
+    top_grad = ((model_top + log_mass[:, None]).exp() - p_top) * logit_scale
+    logits.scatter_(1, ids, top_grad.to(logits.dtype))
+    return kl, logits
+
+
+class _FusedCachedKL(torch.autograd.Function):
+    """The cached KL per token with its gradients taken in the forward (the section's comment above).
+
+    Each token's KL depends on its own hidden state only, so d KL_i / d h_i is stored per token and the
+    backward scales it by any upstream gradient. The head's gradient is a sum over tokens, so it is
+    accumulated with `token_weights` (the weight each token's KL carries in the loss; default 1): the
+    backward scales it when the upstream gradient is proportional to them, as in the trainer's loss
+    (one constant, the rows or tokens of the step), and otherwise recomputes it exactly, tile by tile.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, token_weights, logit_scale, chunk,
+                with_grads):
+        n_tokens = hidden.size(0)
+        wants_hidden, wants_weight = with_grads and hidden.requires_grad, with_grads and weight.requires_grad
+        wants_bias = with_grads and bias is not None and bias.requires_grad
+        use_triton = _use_triton(hidden.device)
+        kl = hidden.new_empty(n_tokens, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
-        tail = ref_tail.float()
-        # Off the top-k, dKL/dz_j = mass·q_j - tail·q_j/Q_tail, where mass = Σ p_top + tail is 1 up to the
-        # float16 rounding of the stored log-probs (kept: this is the gradient of the value returned).
-        # = exp(z_j + a) - exp(z_j + b), a = log mass - log Z, b = log tail - log(Q_tail·Z); factored as
-        # exp(z_j + m)·(e^(a-m) - e^(b-m)) with m = max(a, b), so no term overflows off the top-k.
-        p_top = ref_logprobs.float().exp()
-        a = (p_top.sum(-1) + tail).log() - log_z
-        b = torch.where(tail > 0, tail.clamp_min(torch.finfo(torch.float32).tiny).log() - log_tail, float("-inf"))
-        m = torch.maximum(a, b)
-        scale = grad_kl.float() * ((a - m).exp() - (b - m).exp())
-        for start in range(0, hidden.size(0), ctx.tile):
-            part = slice(start, start + ctx.tile)
-            ids, g = ref_ids[part], grad_kl[part].float()[:, None]
-            grad = _tile_logits(hidden[part], weight, bias, ctx.logit_scale)
-            top = (grad.gather(1, ids) + a[part, None]).exp() - p_top[part]
-            grad.add_(m[part, None]).exp_().mul_(scale[part, None]).scatter_(1, ids, top * g)
-            if ctx.logit_scale != 1.0:
-                grad.mul_(ctx.logit_scale)
-            grad = grad.to(weight.dtype)
+        for start in range(0, n_tokens, chunk):
+            part = slice(start, start + chunk)
+            h = hidden[part]
+            kl[part], grad = _fused_chunk(h, weight, bias, ref_ids[part], ref_logprobs[part], ref_tail[part],
+                                          logit_scale, use_triton)
             if wants_hidden:
                 grad_hidden[part] = (grad @ weight).to(hidden.dtype)
-            if wants_weight:
-                grad_weight.addmm_(grad.t().float(), hidden[part].float())
-            if wants_bias:
-                grad_bias += grad.float().sum(0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+            if wants_weight or wants_bias:
+                w = token_weights[part].float()[:, None]
+                if wants_weight:
+                    grad_weight.addmm_(grad.t().float(), h.float() * w)
+                if wants_bias:
+                    grad_bias += (grad.float() * w).sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, token_weights, hidden, weight, bias, ref_ids,
+                              ref_logprobs, ref_tail)
+        ctx.logit_scale, ctx.chunk, ctx.wants = logit_scale, chunk, (wants_hidden, wants_weight, wants_bias)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        grad_hidden, grad_weight, grad_bias, token_weights, hidden, weight, bias, ids, logprobs, tail = \
+            ctx.saved_tensors
+        g = grad_kl.float()
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden * g[:, None]).to(hidden.dtype)
+        if grad_weight is not None or grad_bias is not None:
+            factor = _common_factor(g, token_weights.float())
+            if factor is None:  # not the loss the forward prepared for: the exact gradient, recomputed
+                log_z, log_tail = _log_z_and_tail(hidden, weight, bias, ids, logprobs, tail, ctx.logit_scale,
+                                                  ctx.chunk)
+                _, grad_weight, grad_bias = _recomputed_grads(
+                    hidden, weight, bias, ids, logprobs, tail, log_z, log_tail, grad_kl, ctx.logit_scale, ctx.chunk,
+                    (False, grad_weight is not None, grad_bias is not None))
+            else:
+                grad_weight = None if grad_weight is None else (grad_weight * factor).to(weight.dtype)
+                grad_bias = None if grad_bias is None else (grad_bias * factor).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _common_factor(upstream: torch.Tensor, token_weights: torch.Tensor, rtol: float = 1e-5):
+    """c with upstream = c · token_weights (to rtol of the largest), else None."""
+    factor = (upstream * token_weights).sum() / (token_weights * token_weights).sum().clamp_min(1e-30)
+    residual = (upstream - factor * token_weights).abs().max()
+    if float(residual) > rtol * float(upstream.abs().max()) + 1e-30:
+        return None
+    return factor
+
+
+def _log_z_and_tail(hidden, weight, bias, ids, logprobs, tail, logit_scale, chunk):
+    """log Z and the log tail mass per token (what `_CachedTopKKL` keeps), for the exact fallback."""
+    log_z = hidden.new_empty(hidden.size(0), dtype=torch.float32)
+    log_tail = torch.empty_like(log_z)
+    with torch.no_grad():
+        for start in range(0, hidden.size(0), chunk):
+            part = slice(start, start + chunk)
+            logits = _tile_logits(hidden[part], weight, bias, logit_scale)
+            log_z[part] = torch.logsumexp(logits, dim=-1)
+            log_tail[part] = _masked_logsumexp_(logits, ids[part])
+    return log_z, log_tail
 
 
 def _tile_kl_softcapped(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, logit_scale, softcap):
@@ -163,31 +397,49 @@ def _tile_kl_softcapped(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, l
     return topk_tail_kl(torch.tanh(logits / softcap) * softcap, ref_ids, ref_logprobs, ref_tail)
 
 
+CACHED_KL_FUSED, CACHED_KL_TILES = "fused", "tiles"  # the two hand-written paths of cached_kl_per_token
+
+
 def cached_kl_per_token(student_hidden: torch.Tensor, student_head, ref_ids: torch.Tensor,
                         ref_logprobs: torch.Tensor, ref_tail: torch.Tensor, logit_scale: float = 1.0,
-                        softcap: float | None = None, tile: int | None = None) -> torch.Tensor:
+                        softcap: float | None = None, tile: int | None = None,
+                        token_weights: torch.Tensor | None = None, path: str = CACHED_KL_FUSED) -> torch.Tensor:
     """KL(base ‖ model) per token against the base's top-k stored at synthesis: no reference forward.
 
     student_hidden: [N, H] at the N loss positions; ref_*: [N, k], [N, k], [N] (thinksafe.reference_topk).
     Tiles of `tile` tokens (default: CACHED_KL_TILE_ELEMENTS logits), so only one tile's logits exist
-    at a time, forward or backward. Returns [N] float32 (topk_tail_kl); the gradient flows to
-    `student_hidden` and a trainable head. A soft-capped head (no registered family has one) goes
-    through autograd on checkpointed tiles instead: slower, same values.
+    at a time. Returns [N] float32 (topk_tail_kl); the gradient flows to `student_hidden` and a
+    trainable head. `path`: "fused" (default; `_FusedCachedKL`: each tile's logits formed once, the
+    gradients taken in the forward, the softmax pieces in one Triton kernel on a GPU) or "tiles"
+    (`_CachedTopKKL`: the logits formed again in the backward; kept as the reference the fused path is
+    tested against). `token_weights` [N]: each token's weight in the loss, which lets the fused path
+    take a trainable head's gradient in the forward (a frozen head, LoRA's, needs none). A soft-capped
+    head (no registered family has one) goes through autograd on checkpointed tiles: slower, same values.
     """
+    if path not in (CACHED_KL_FUSED, CACHED_KL_TILES):
+        raise ValueError(f"unknown cached KL path {path!r}")
     weight, bias = _head_params(student_head)
     device = student_hidden.device
     ref_ids, ref_logprobs, ref_tail = ref_ids.to(device, torch.long), ref_logprobs.to(device), ref_tail.to(device)
     tile = tile or max(1, CACHED_KL_TILE_ELEMENTS // weight.size(0))
     if student_hidden.size(0) == 0:
         return student_hidden.new_zeros(0, dtype=torch.float32)
-    if not softcap:
+    if softcap:
+        from torch.utils.checkpoint import checkpoint
+
+        return torch.cat([checkpoint(_tile_kl_softcapped, student_hidden[part], weight, bias, ref_ids[part],
+                                     ref_logprobs[part], ref_tail[part], logit_scale, softcap, use_reentrant=False)
+                          for part in (slice(s, s + tile) for s in range(0, student_hidden.size(0), tile))])
+    if path == CACHED_KL_TILES:
         return _CachedTopKKL.apply(student_hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, float(logit_scale),
                                    tile)
-    from torch.utils.checkpoint import checkpoint
-
-    return torch.cat([checkpoint(_tile_kl_softcapped, student_hidden[part], weight, bias, ref_ids[part],
-                                 ref_logprobs[part], ref_tail[part], logit_scale, softcap, use_reentrant=False)
-                      for part in (slice(s, s + tile) for s in range(0, student_hidden.size(0), tile))])
+    if token_weights is None:
+        token_weights = torch.ones(student_hidden.size(0), device=device)
+    # Gradients are taken in the forward only when a backward can follow (not under no_grad / inference).
+    with_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, weight, bias))
+    return _FusedCachedKL.apply(student_hidden, weight, bias, ref_ids, ref_logprobs, ref_tail,
+                                token_weights.to(device), float(logit_scale), tile, with_grads)
 
 
 def row_means_sum(token_losses: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
@@ -324,6 +576,7 @@ class KLSFTTrainer(SFTTrainer):
                 *(reference[name][:, 1:][kl_positions] for name in REFERENCE_COLUMNS),
                 logit_scale=getattr(config, "logit_scale", None) or 1.0,
                 softcap=getattr(config, "final_logit_softcapping", None),
+                token_weights=self._kl_token_weights(kl_positions),
             )
         return forward_kl_per_token(
             student_hidden[:, :-1][kl_positions],
@@ -333,6 +586,15 @@ class KLSFTTrainer(SFTTrainer):
             logit_scale=getattr(config, "logit_scale", None) or 1.0,
             softcap=getattr(config, "final_logit_softcapping", None),
         )
+
+    def _kl_token_weights(self, kl_positions: torch.Tensor) -> torch.Tensor:
+        """[N] each KL token's weight in this micro-batch's loss, up to one constant (the step's rows or
+        tokens): 1 / its row's KL tokens (row weighting) or 1 (token weighting). The fused cached KL takes
+        a trainable head's gradient in the forward with them (a LoRA head is frozen: unused)."""
+        counts = kl_positions.sum(1)
+        if self.weighting != ROW_WEIGHTING:
+            return torch.ones(int(counts.sum()), device=kl_positions.device)
+        return 1.0 / counts[kl_positions.nonzero()[:, 0]].float()
 
     # --- the loss -----------------------------------------------------------------------------
 
