@@ -67,11 +67,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except OSError as err:
         if err.errno not in FILESYSTEM_REFUSALS:
+            if engine_died(err):
+                return engine_death(err)
             raise
         # Filesystem refusals a stage did not foresee (a read-only cache, a full disk, a file where a
         # directory belongs): the user's to fix, so one line, not a traceback.
         say(f"error: {describe_os_error(err)}", error=True)
         return 2
+    except Exception as err:
+        if not engine_died(err):
+            raise
+        return engine_death(err)
+
+
+ENGINE_DEATHS = {"EngineDeadError", "EngineGenerateError"}  # vllm.v1.engine.exceptions, by name: no vLLM import
+
+
+def engine_died(err: BaseException) -> bool:
+    return any(type(e).__name__ in ENGINE_DEATHS for e in (err, err.__cause__, err.__context__) if e is not None)
+
+
+def engine_death(err: BaseException) -> int:
+    """The vLLM engine process died (killed, out of memory): one line; what was generated is logged."""
+    from thinksafe.console import say
+
+    say(f"error: the vLLM engine process died ({type(err).__name__}); what was generated is kept: rerun the "
+        "same command to resume", error=True)
+    return 1
 
 
 def describe_os_error(err: OSError) -> str:
