@@ -114,6 +114,10 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
         "help": "with use_kl: the base's distribution from a reference forward each step ('forward', exact) or "
                 "from the top-k stored at synthesis (`synthesize --store_reference_topk K`; 'cached': no "
                 "reference forward, KL over the top-k plus one tail bucket)"})
+    # None: chosen in __post_init__ (liger_layers_by_default); a given true/false always wins
+    use_liger_kernel: bool | None = field(default=None, metadata={
+        "help": "Liger's RMSNorm/SwiGLU/RoPE kernels under thinksafe's own loss head (default: on with a CUDA "
+                "device and liger-kernel installed, off otherwise; the same loss, faster: docs/train.md)"})
     # The paper's values where TRL's differ
     completion_only_loss: bool = field(default=True, metadata=_alias(
         "--prompt-masking", "--prompt_masking", help="loss on the response only (paper: true)"))
@@ -135,7 +139,27 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
         if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
             raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
         self.check_and_place()
+        # Which ran and why goes in run_info.json / run_record.json (thinksafe.train.sft)
+        self.liger_kernel_chosen_by = "default" if self.use_liger_kernel is None else "flag"
+        if self.use_liger_kernel is None:
+            self.use_liger_kernel = liger_layers_by_default(self.target_device)
         super().__post_init__()
+
+
+def liger_layers_by_default(device: str) -> bool:
+    """On with a CUDA device and liger-kernel importable, off on a CPU (its kernels are Triton, GPU-only).
+
+    They replace the decoder's RMSNorm, SwiGLU and RoPE with fused kernels and leave thinksafe's loss
+    head alone (TRL turns Liger's fused linear CE off): the same loss to bf16 rounding, measured faster on
+    an H200 for CE, exact and cached KL (bench/README.md, "train_step.py"; tests/test_liger_default.py).
+    """
+    if not device.startswith("cuda"):
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401  (imports triton: a broken install is "not available")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 @dataclass

@@ -1,0 +1,129 @@
+"""Liger's layer kernels by default on a GPU (issue 31): how the default is chosen, what the run records say,
+and, on a CUDA GPU with liger-kernel, that they train what the plain layers train."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from thinksafe.config.train import liger_layers_by_default
+
+
+def parse(*flags):
+    from thinksafe.train.sft import parse_args
+
+    return parse_args(["--model", "demo", "--dataset", "thinksafe", "--device", "cpu", "--report-to", "none", *flags])
+
+
+def test_on_a_cpu_the_default_is_off_and_a_given_value_always_wins():
+    from thinksafe.train.sft import liger_kernels
+
+    _, _, sft = parse()
+    assert sft.use_liger_kernel is False and liger_kernels(sft) == {"liger": False, "chosen_by": "default"}
+    _, _, sft = parse("--use_liger_kernel", "false")
+    assert liger_kernels(sft) == {"liger": False, "chosen_by": "flag"}
+    _, _, sft = parse("--use_liger_kernel", "true")  # given: kept even where it cannot run (TRL then says why)
+    assert sft.use_liger_kernel is True and liger_kernels(sft) == {"liger": True, "chosen_by": "flag"}
+
+
+def test_on_cuda_the_default_is_on_only_when_liger_imports(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", SimpleNamespace())
+    assert liger_layers_by_default("cuda") is True
+    assert liger_layers_by_default("cuda:1") is True
+    assert liger_layers_by_default("cpu") is False
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # `import` raises ImportError
+    assert liger_layers_by_default("cuda") is False
+
+
+def test_the_run_record_and_info_say_which_kernels_ran_and_a_resume_may_change_them(tmp_path):
+    from thinksafe.train.common import record_differences
+    from thinksafe.train.sft import run_config, run_record
+
+    records = []
+    for flags in ((), ("--use_liger_kernel", "true")):
+        model_cfg, run, sft = parse(*flags)
+        records.append(run_record(model_cfg, run, sft, run_config(model_cfg, run, sft),
+                                  SimpleNamespace(sha256="0" * 64)))
+    assert records[0]["kernels"] == {"liger": False, "chosen_by": "default"}
+    assert records[1]["kernels"] == {"liger": True, "chosen_by": "flag"}
+    # kernels change how a step is computed, not what it learns: not a setting that blocks a resume
+    assert record_differences(records[0], records[1]) == ""
+
+
+def liger_imports() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+ON_GPU_WITH_LIGER = torch.cuda.is_available() and liger_imports()
+# A small Qwen3 (the architecture thinksafe's GPU recipes train) so the test takes seconds
+SMALL_QWEN3 = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=True)
+# bf16, as `thinksafe train` runs on a GPU: Liger's RMSNorm/SwiGLU/RoPE round differently from torch's
+LOSS_RTOL, GRAD_REL_ERROR, GRAD_COSINE = 2e-3, 3e-2, 0.999
+
+
+def one_step(kind: str, liger: bool, seq: int = 512):
+    """(loss, {adapter parameter: gradient}) of one micro-batch through KLSFTTrainer, Liger's layers applied
+    exactly as `thinksafe train` has them applied (TRL's config, transformers' apply_liger_kernel at train start)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers.integrations.liger import apply_liger_kernel
+    from trl import SFTConfig
+
+    from bench.train_step import dummy_tokenizer, make_batch, placeholder_dataset
+    from thinksafe.train.common import lora_config
+    from thinksafe.train.data import make_collator
+    from thinksafe.train.kl import KLSFTTrainer
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**SMALL_QWEN3, rope_theta=1e6), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").train()
+    import tempfile
+
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, bf16=True, report_to=[],
+                     completion_only_loss=True, remove_unused_columns=False, max_length=None,
+                     gradient_checkpointing=True, use_liger_kernel=liger, dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = KLSFTTrainer(model=model, args=args, train_dataset=placeholder_dataset(), processing_class=dummy_tokenizer(),
+                           data_collator=make_collator(0), peft_config=lora_config(8, None, 0.0))
+    torch.manual_seed(1)
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:  # non-zero, so the base and the adapter differ and lora_A gets a gradient too
+            param.data.normal_(0, 0.02)
+    if liger:
+        apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)  # Trainer.train's own call
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer.model.enable_input_require_grads()
+    batch = make_batch(seq, SMALL_QWEN3["vocab_size"], "cuda", kind)
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return float(loss), grads
+
+
+@pytest.mark.skipif(not ON_GPU_WITH_LIGER, reason="Liger's kernels are Triton: a CUDA GPU with liger-kernel")
+@pytest.mark.parametrize("kind", ["ce", "kl", "cached"])
+def test_liger_layers_train_what_the_plain_layers_train(kind):
+    """The loss and one step's adapter update (an SGD step's: -lr · the gradient) with and without Liger's
+    layers, on a harmful row (CE), a benign row (exact KL) and a benign row with the stored top-k (cached KL)."""
+    plain_loss, plain = one_step(kind, liger=False)
+    liger_loss, liger = one_step(kind, liger=True)
+    assert plain.keys() == liger.keys() and plain and all("lora" in n for n in plain)
+    a = torch.cat([g.flatten() for g in plain.values()])
+    b = torch.cat([liger[n].flatten() for n in plain])
+    rel_error = float((a - b).norm() / a.norm())
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    print(f"liger agreement {kind}: loss {plain_loss:.6f} vs {liger_loss:.6f} "
+          f"(rel {abs(plain_loss - liger_loss) / abs(plain_loss):.2e}); update rel error {rel_error:.2e}, "
+          f"cosine {cosine:.6f}")
+    assert abs(plain_loss - liger_loss) <= LOSS_RTOL * abs(plain_loss)
+    assert rel_error <= GRAD_REL_ERROR and cosine >= GRAD_COSINE
