@@ -12,11 +12,13 @@ each stage reads its section with `--config`; every stage also reads its family'
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from thinksafe.console import VERBOSE_ENV, verbose_from_env
 from thinksafe.errors import ThinksafeError
 from thinksafe.plan import POSITIONAL, resolve_plan
 from thinksafe.config import recipe_values
@@ -24,6 +26,8 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     StepFailed,
     Task,
     device_env,
+    log_tail,
+    open_log,
     run_step,
     run_tasks_on_devices,
     thinksafe_cmd,
@@ -174,9 +178,13 @@ def with_failed_groups_split(results: list[tuple[Task, int]], devices: list[str]
 
 
 def report() -> None:
+    """The results table on the terminal; what the report's libraries print goes to its log."""
     from thinksafe.registry import results_root
 
-    subprocess.run(thinksafe_cmd("report", str(results_root())), check=False)
+    root = Path(results_root())
+    with open_log(root / "report.log", ["report"]) as log:
+        subprocess.run(thinksafe_cmd("report", str(root)), check=False,
+                       stderr=None if verbose_from_env() else log)
 
 
 def summarize_failures(results: list[tuple[Task, int]]) -> int:
@@ -186,6 +194,8 @@ def summarize_failures(results: list[tuple[Task, int]]) -> int:
     print("\nFAILED evaluation tasks:", file=sys.stderr)
     for task, code in failed:
         print(f"  {task.run_name} / {task.name}: exit {code}, log: {task.log}", file=sys.stderr)
+        if not verbose_from_env():
+            print(log_tail(task.log), file=sys.stderr)
     return 1
 
 
@@ -195,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(name, nargs="?", default="")
     parser.add_argument("--eval-only", action="store_true", help="evaluate (base and, if trained, the run) and report")
     parser.add_argument("--no-base", action="store_true", help="do not evaluate the untouched base model")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"stream every stage's whole output (engine logs, warnings) to the terminal too; "
+                             f"default: each stage's own lines, the rest in its log file ({VERBOSE_ENV}=1 does the same)")
     return parser
 
 
@@ -208,7 +221,9 @@ def print_plan(plan: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    plan = resolve_plan(vars(args))
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by the step runner (thinksafe.steps)
+    plan = resolve_plan({key: value for key, value in vars(args).items() if key != "verbose"})
     trained = Path(plan["path_merged"]).exists() or Path(plan["path_adapter"]).exists()
     if args.eval_only and args.no_base and not trained:
         raise ThinksafeError(f"nothing to evaluate: {plan['path_run_dir']} holds no trained model and "
