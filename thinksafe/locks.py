@@ -56,9 +56,14 @@ def lock_path(directory: Path) -> Path:
 
 
 def this_command() -> str:
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "thinksafe":
-        argv[0] = "thinksafe"  # `python -m thinksafe` shows as its script path
+    """This process's command line as typed (`python -m thinksafe train ...` shortened to `thinksafe
+    train ...`): from /proc, since sys.argv loses `-c` code and the interpreter."""
+    try:
+        argv = Path("/proc/self/cmdline").read_bytes().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        argv = list(sys.argv)
+    if "-m" in argv[:3] and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["thinksafe"]:
+        argv = ["thinksafe", *argv[argv.index("-m") + 2:]]
     text = " ".join(shlex.quote(arg) for arg in argv)
     return text if len(text) <= 300 else text[:297] + "..."
 
