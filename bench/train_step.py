@@ -7,18 +7,24 @@ gradient checkpointing. Rows, all in one process on one GPU:
   ours_ce    thinksafe's KLSFTTrainer.compute_loss on a harmful row (TRL's chunked log-prob LM head)
   ours_kl    thinksafe's KLSFTTrainer.compute_loss on a benign row (chunked forward KL, adapter disabled)
   ours_kl_cached  the same with `--kl_reference cached`: the base's top-64 per position given (as stored
-             at synthesis), no reference forward
+             at synthesis), no reference forward; the fused cached-KL head (each tile's logits formed once,
+             the gradient taken in the forward, a Triton kernel for the softmax pieces)
+  ours_kl_cached_tiles  the same through the two-pass cached head it replaced (issue 31's baseline)
   ours_*_nogc  the same without gradient checkpointing (`thinksafe train --gradient_checkpointing false`)
   ours_*_sac  TRL's selective activation checkpointing: attention outputs kept, the rest recomputed
              (`--gradient_checkpointing_kwargs '{"selective": true}'`)
   ours_*_gc2  every second decoder layer checkpointed, the others keep their activations
              (`--gradient_checkpointing_kwargs '{"every_n_layers": 2}'`)
-  ours_*_liger  the same under Liger's RMSNorm/SwiGLU/RoPE kernels, applied as `thinksafe train
-             --use_liger_kernel true` applies them (TRL keeps its fused LM head: no fused linear CE)
+  ours_*_liger  the same under Liger's RMSNorm/SwiGLU/RoPE kernels, applied as `thinksafe train` applies
+             them (TRL keeps its fused LM head: no fused linear CE); the default on a GPU with liger-kernel
   liger_ce   apply_liger_kernel_to_qwen3 (fused linear CE, RMSNorm, SwiGLU, RoPE), model's own loss
   liger_kl   LigerFusedLinearJSD(jsd_beta=0) = forward KL(base ‖ model) on the Liger-patched model
 Liger patches the model's modules, so its rows run last: our head under its layer kernels, then its own
 loss heads.
+head_*       the loss head alone on [seq, hidden] bf16 hidden states (forward + backward, the backbone left
+             out): head_cached (fused), head_cached_tiles, head_liger_ce (LigerFusedLinearCrossEntropyLoss),
+             head_liger_kl (LigerFusedLinearJSD, beta 0, the teacher's hidden states given)
+`--rows` keeps only the rows matching its patterns (fnmatch), e.g. `--rows 'ours_ce*' 'liger_*'`.
 MFU uses TRL's compute_flops_per_token: 3 x forward FLOPs (matmuls incl. LM head, non-causal attention
 scores 4·heads·head_dim·seq per token per layer), over the GPU's dense bf16 peak.
 
@@ -137,11 +143,14 @@ def make_batch(seq: int, vocab: int, device: str, kind: str) -> dict:
     labels[:, :PROMPT_TOKENS] = -100
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
              "kl": torch.tensor([kind != "ce"], device=device)}
-    if kind == "cached":
+    if kind.startswith("cached"):
         logits = torch.randn(1, seq, REFERENCE_TOPK + 1, generator=generator)
         logprobs = torch.log_softmax(logits, -1)[..., :REFERENCE_TOPK]  # the last slot's mass is the tail
-        batch.update(ref_ids=torch.randint(0, vocab, (1, seq, REFERENCE_TOPK), generator=generator, dtype=torch.int32),
-                     ref_logprobs=logprobs.half(), ref_tail=1 - logprobs.exp().sum(-1))
+        # distinct ids per position, as a top-k's are: a random start and stride, stride·(k-1) < vocab
+        start = torch.randint(0, vocab, (1, seq, 1), generator=generator)
+        stride = torch.randint(1, vocab // REFERENCE_TOPK, (1, seq, 1), generator=generator)
+        ref_ids = (start + stride * torch.arange(REFERENCE_TOPK)) % vocab
+        batch.update(ref_ids=ref_ids.to(torch.int32), ref_logprobs=logprobs.half(), ref_tail=1 - logprobs.exp().sum(-1))
     return batch
 
 
@@ -171,6 +180,20 @@ def ours(trainer, batch):
     inputs = dict(batch)
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     return trainer.compute_loss(trainer.model, inputs, num_items_in_batch=num_items)
+
+
+def ours_tiles(trainer, batch):
+    """`ours` with the cached KL through the two-pass head (`cached_kl_per_token(path="tiles")`)."""
+    from functools import partial
+
+    from thinksafe.train import kl
+
+    fused = kl.cached_kl_per_token
+    kl.cached_kl_per_token = partial(fused, path=kl.CACHED_KL_TILES)
+    try:
+        return ours(trainer, batch)
+    finally:
+        kl.cached_kl_per_token = fused
 
 
 def liger_ce(trainer, batch):
@@ -249,7 +272,14 @@ def peak_flops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int, with_liger: bool) -> list[dict]:
+def wanted(name: str, patterns: list[str] | None) -> bool:
+    from fnmatch import fnmatch
+
+    return patterns is None or any(fnmatch(name, pattern) for pattern in patterns)
+
+
+def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int, with_liger: bool,
+              rows_wanted: list[str] | None = None) -> list[dict]:
     from trl.trainer.utils import compute_flops_per_token
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -259,22 +289,29 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
     rows: list[dict] = []
     paths = [("plain_ce", plain_ce, "ce", "full"), ("naive_kl", naive_kl, "kl", "full"),
              ("ours_ce", ours, "ce", "full"), ("ours_kl", ours, "kl", "full"), ("ours_kl_cached", ours, "cached", "full"),
+             ("ours_kl_cached_tiles", ours_tiles, "cached", "full"),
              ("ours_ce_nogc", ours, "ce", "off"), ("ours_kl_nogc", ours, "kl", "off"),
              ("ours_kl_cached_nogc", ours, "cached", "off")]
     paths += [(f"ours_{kind.replace('cached', 'kl_cached')}_{mode}", ours, kind, mode)
               for mode in ("sac", "gc2") for kind in ("ce", "kl", "cached")]
+    paths = [path for path in paths if wanted(path[0], rows_wanted)]
+    liger_layer_rows = [("ours_ce_liger", ours, "ce"), ("ours_kl_liger", ours, "kl"),
+                        ("ours_kl_cached_liger", ours, "cached"), ("ours_kl_cached_tiles_liger", ours_tiles, "cached")]
+    liger_rows = [("liger_ce", liger_ce, "ce"), ("liger_kl", None, "kl")]
+    liger_layer_rows = [row for row in liger_layer_rows if wanted(row[0], rows_wanted)]
+    liger_rows = [row for row in liger_rows if wanted(row[0], rows_wanted)]
     if with_liger:
-        paths += [("liger_layers", None, None, None), ("liger", None, None, None)]
+        paths += [(name, None, None, None) for name, todo in (("liger_layers", liger_layer_rows), ("liger", liger_rows))
+                  if todo]
     for name, fn, kind, checkpointing in paths:
         if name.startswith("liger"):
             try:
                 if name == "liger_layers":
                     apply_liger_layers(trainer)
-                    todo = [("ours_ce_liger", ours, "ce"), ("ours_kl_liger", ours, "kl"),
-                            ("ours_kl_cached_liger", ours, "cached")]
+                    todo = liger_layer_rows
                 else:
                     apply_liger(trainer)
-                    todo = [("liger_ce", liger_ce, "ce"), ("liger_kl", make_liger_kl(), "kl")]
+                    todo = [(path, make_liger_kl() if path == "liger_kl" else fn, kind) for path, fn, kind in liger_rows]
             except Exception as err:  # no GPU/Triton or no package: record, keep the other rows
                 rows.append({"shape": shape, "path": name, "error": f"{type(err).__name__}: {err}"[:200]})
                 print(json.dumps(rows[-1]), flush=True)
@@ -305,6 +342,74 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
     return rows
 
 
+def head_rows(shape: str, seqs: list[int], device: str, warmup: int, steps: int, with_liger: bool,
+              rows_wanted: list[str] | None = None) -> list[dict]:
+    """The loss heads alone: forward + backward from [seq - prompt, hidden] bf16 hidden states (unit scale, as
+    after the last RMSNorm) through a frozen [vocab, hidden] head (std 0.02: logits of std ~0.9). Seconds per
+    call and the peak memory above the inputs."""
+    from thinksafe.train.kl import CACHED_KL_TILES, cached_kl_per_token
+
+    config = SHAPES[shape]
+    hidden_size, vocab = config["hidden_size"], config["vocab_size"]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    head.weight.normal_(0, 0.02)
+    rows = []
+    for seq in seqs:
+        n = seq - PROMPT_TOKENS
+        batch = make_batch(seq, vocab, device, "cached")
+        ids, logprobs, tail = (batch[name][0, PROMPT_TOKENS:] for name in ("ref_ids", "ref_logprobs", "ref_tail"))
+        hidden = torch.randn(n, hidden_size, device=device, dtype=dtype).requires_grad_(True)
+        teacher = torch.randn(n, hidden_size, device=device, dtype=dtype)
+        labels = batch["labels"][0, PROMPT_TOKENS:]
+        fns = {"head_cached": lambda: cached_kl_per_token(hidden, head, ids, logprobs, tail).sum(),
+               "head_cached_tiles": lambda: cached_kl_per_token(hidden, head, ids, logprobs, tail,
+                                                                path=CACHED_KL_TILES).sum()}
+        if with_liger:
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+                liger_ce_loss, liger_jsd = LigerFusedLinearCrossEntropyLoss(), LigerFusedLinearJSD(jsd_beta=0.0)
+                fns["head_liger_ce"] = lambda: liger_ce_loss(head.weight, hidden, labels)
+                fns["head_liger_kl"] = lambda: liger_jsd(hidden, head.weight, teacher, head.weight, labels)
+            except Exception as err:  # noqa: BLE001  no GPU/Triton or no package: the other rows still run
+                rows.append({"shape": shape, "path": "head_liger", "error": f"{type(err).__name__}: {err}"[:200]})
+        for name, fn in fns.items():
+            if not wanted(name, rows_wanted):
+                continue
+            row = {"shape": shape, "path": name, "seq": seq}
+
+            def step():
+                loss = fn()
+                loss.backward()
+                hidden.grad = None
+                return float(loss.detach())
+
+            try:
+                for _ in range(warmup):
+                    loss = step()
+                cuda = device.startswith("cuda")
+                if cuda:
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) / steps
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+                row.update(seconds=round(seconds, 5), peak_gib=round(extra, 3), loss=round(loss, 5),
+                           tokens_per_s=round(seq / seconds))
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict], shape: str, seqs: list[int]) -> str:
     paths = list(dict.fromkeys(r["path"] for r in rows if r["shape"] == shape and "seq" in r))
     lines = [f"| {shape} | " + " | ".join(paths) + " |", "| --- |" + " --- |" * len(paths)]
@@ -331,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--rows", nargs="+", default=None, help="only the rows matching these fnmatch patterns")
+    parser.add_argument("--heads", action="store_true", help="also the head_* rows (the loss heads alone)")
     parser.add_argument("--out", default=None, help="write rows + tables as JSON here")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -346,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"device": device_name, "versions": versions}), flush=True)
     rows = []
     for shape in args.shapes:
-        rows += run_shape(shape, args.seqs, args.device, args.warmup, args.steps, not args.no_liger)
+        if args.heads:  # first: the head rows patch nothing
+            rows += head_rows(shape, args.seqs, args.device, args.warmup, args.steps, not args.no_liger, args.rows)
+        rows += run_shape(shape, args.seqs, args.device, args.warmup, args.steps, not args.no_liger, args.rows)
     tables = {shape: markdown(rows, shape, args.seqs) for shape in args.shapes}
     for table in tables.values():
         print(table)

@@ -290,7 +290,11 @@ def _use_triton(device: torch.device) -> bool:
 
 
 def _fused_chunk(hidden, weight, bias, ids, ref_logprobs, tail, logit_scale, use_triton):
-    """(kl [n], gradient of the KL in the chunk's logits [n, V] in the head's dtype) from one projection."""
+    """(kl [n], gradient of the KL in the chunk's logits [n, V] in the head's dtype) from one projection.
+
+    The ids of a row are distinct, as a top-k's are (the store's): log Z is the tail's logsumexp and the
+    top-k's, so a repeated id would count twice.
+    """
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
     top = logits.gather(1, ids).float()
     if logit_scale != 1.0:
