@@ -10,17 +10,9 @@ import torch.nn.functional as F
 
 from thinksafe.registry import FAMILIES
 
+from helpers import rows_file
+
 IGNORE = -100
-
-
-def rows_file(tmp_path, n=4, response="<think>\nsome reasoning here\n</think>\n\nthe answer", varied=False):
-    """n rows alternating harmful/benign; `varied`: row i's answer is i+1 times as long (row != token weights)."""
-    rows = [{"instruction": f"question number {i}", "response": f"{response} {i}" * (i + 1 if varied else 1),
-             "prompt_label": "vanilla_benign" if i % 2 else "adversarial_harmful", "response_label": "safe"}
-            for i in range(n)]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, rows
 
 
 def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, batch=4, lora_init_scale=0.5,

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_evaluate import evaluate_tiny, write_fixture_data, write_run_record
+from helpers import evaluate_tiny, write_fixture_data, write_run_record
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate.tasks import get_task

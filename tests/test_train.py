@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_kl import rows_file
+from helpers import rows_file
 from thinksafe.errors import ThinksafeError
 
 FAST = ["--rank", "4", "--epochs", "1", "--effective-batch-size", "2", "--per-device-batch-size", "2",
