@@ -22,7 +22,8 @@ gradient checkpointing. Rows, all in one process on one GPU:
 Liger patches the model's modules, so its rows run last: our head under its layer kernels, then its own
 loss heads.
 head_*       the loss head alone on [seq, hidden] bf16 hidden states (forward + backward, the backbone left
-             out): head_cached (fused), head_cached_tiles, head_liger_ce (LigerFusedLinearCrossEntropyLoss),
+             out): head_cached (fused), head_cached_tiles, head_trl_ce (TRL's chunked log-prob head, our CE),
+             head_liger_ce (LigerFusedLinearCrossEntropyLoss),
              head_liger_kl (LigerFusedLinearJSD, beta 0, the teacher's hidden states given)
 `--rows` keeps only the rows matching its patterns (fnmatch), e.g. `--rows 'ours_ce*' 'liger_*'`.
 MFU uses TRL's compute_flops_per_token: 3 x forward FLOPs (matmuls incl. LM head, non-causal attention
@@ -342,6 +343,16 @@ def run_shape(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
     return rows
 
 
+def trl_log_probs(hidden, weight, labels):
+    """Per-token log-probs from TRL's chunked head, with the outputs and tile width the SFTTrainer asks for
+    (trl.trainer.utils.add_fused_lm_head: log-probs, entropy and top-1 for its metrics)."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                        ("log_probs", "entropy", "is_top1"))[0]
+
+
 def head_rows(shape: str, seqs: list[int], device: str, warmup: int, steps: int, with_liger: bool,
               rows_wanted: list[str] | None = None) -> list[dict]:
     """The loss heads alone: forward + backward from [seq - prompt, hidden] bf16 hidden states (unit scale, as
@@ -365,7 +376,8 @@ def head_rows(shape: str, seqs: list[int], device: str, warmup: int, steps: int,
         labels = batch["labels"][0, PROMPT_TOKENS:]
         fns = {"head_cached": lambda: cached_kl_per_token(hidden, head, ids, logprobs, tail).sum(),
                "head_cached_tiles": lambda: cached_kl_per_token(hidden, head, ids, logprobs, tail,
-                                                                path=CACHED_KL_TILES).sum()}
+                                                                path=CACHED_KL_TILES).sum(),
+               "head_trl_ce": lambda: -trl_log_probs(hidden, head.weight, labels).sum()}
         if with_liger:
             try:
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
