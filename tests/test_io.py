@@ -43,4 +43,7 @@ def test_wandb_never_online_without_login(monkeypatch, tmp_path):
     assert wandb_mode("none") == "disabled"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("auto") == "offline"  # a key says nothing about the network: online only when asked
-    assert wandb_mode("wandb") == "online"
+    probed = []
+    # online only when asked, and only after one probe of the server (which this machine cannot reach)
+    monkeypatch.setattr("thinksafe.tracking.check_wandb_online", lambda: probed.append(True))
+    assert wandb_mode("wandb") == "online" and probed == [True]
