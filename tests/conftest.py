@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny_models import build_tiny_model  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_faults.py's counts (kills, reruns, rows checked), written where this session finds them."""
+    import tempfile
+
+    counts = Path(tempfile.gettempdir()) / f"thinksafe-faults-{os.getpid()}.txt"
+    if counts.exists():
+        terminalreporter.write_line(counts.read_text().strip())
+        counts.unlink()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s (run with -m slow)")
     config.addinivalue_line("markers", "demo: loads the embedded SmolLM2-135M demo model")

@@ -141,23 +141,41 @@ def _on_signal(signum, _frame) -> None:
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def _exit_at_once(signum, _frame) -> None:
+    from thinksafe.cli import INTERRUPTED
+
+    _signals_seen.append(signum)
+    _leave(_exit_code(), INTERRUPTED)
+
+
 def install() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(sig, _on_signal)
 
 
-def run_entry_point(main) -> None:
-    """Run `main()` (thinksafe.cli.main) as the program: see the module docstring."""
+def run_entry_point(module: str) -> None:
+    """Run `module`'s main() (thinksafe.cli) as the program: see the module docstring. The handlers
+    come first, so that a signal during the imports (seconds: torch, transformers) unwinds the same way."""
+    import importlib
+
     install()
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        from thinksafe.cli import INTERRUPTED
+
+        _leave(_exit_code(), INTERRUPTED)
     code = main()
+    # From here on a signal ends the process at once: the work is done or unwound; raised as a
+    # KeyboardInterrupt now it would escape main's handling (or land in the interpreter's shutdown).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_at_once)
     if _signals_seen and code == EXIT_SIGINT:
         code = _exit_code()
     if _signals_seen or code != 0:
         # children (an engine, its workers) never outlive the command; and an engine's exit hooks
         # are skipped once it is stopped (they could wait on it for ever)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # the way out is bounded: no traceback from a late signal
         _leave(code, None)
     stop_descendants()  # a finished command leaves no process behind either
     sys.exit(code)

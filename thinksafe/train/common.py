@@ -161,12 +161,28 @@ def prepare_run_dir(paths: RunPaths, overwrite: bool, record: dict | None = None
 
 
 def resume_checkpoint(paths: RunPaths, resume: bool = True) -> str | None:
-    """The last checkpoint-N under the run's checkpoints dir, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The last complete checkpoint-N under the run's checkpoints dir, or None.
+
+    transformers writes a checkpoint in place, its trainer_state.json last, and its
+    get_last_checkpoint takes the highest number whatever it holds: a run killed while saving left a
+    torn checkpoint-N that made every rerun fail. A checkpoint counts once its trainer_state.json
+    reads whole; a torn one is passed over (and written again when training reaches it).
+    """
+    import json
+    import re
 
     if not resume or not paths.checkpoints.is_dir():
         return None
-    return get_last_checkpoint(str(paths.checkpoints))
+    numbered = sorted(((int(m.group(1)), p) for p in paths.checkpoints.iterdir()
+                       if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, checkpoint in numbered:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (a run stopped while saving it): resuming from an earlier one", checkpoint)
+            continue
+        return str(checkpoint)
+    return None
 
 
 def finish_run(trainer, tokenizer, paths: RunPaths, info: dict, started: float, full_model: bool = False,
