@@ -161,7 +161,8 @@ def _recomputed_grads(hidden, weight, bias, ref_ids, ref_logprobs, ref_tail, log
         if wants_hidden:
             grad_hidden[part] = (grad @ weight).to(hidden.dtype)
         if wants_weight:
-            grad_weight.addmm_(grad.t().float(), hidden[part].float())
+            with torch.autocast(hidden.device.type, enabled=False):  # float32 accumulation, as in the fused path
+                grad_weight.addmm_(grad.t().float(), hidden[part].float())
         if wants_bias:
             grad_bias += grad.float().sum(0)
     return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -344,10 +345,12 @@ class _FusedCachedKL(torch.autograd.Function):
                 grad_hidden[part] = (grad @ weight).to(hidden.dtype)
             if wants_weight or wants_bias:
                 w = token_weights[part].float()[:, None]
-                if wants_weight:
-                    grad_weight.addmm_(grad.t().float(), h.float() * w)
-                if wants_bias:
-                    grad_bias += (grad.float() * w).sum(0)
+                # accumulated in float32 (the trainer's bf16 autocast would cast the product to bf16)
+                with torch.autocast(hidden.device.type, enabled=False):
+                    if wants_weight:
+                        grad_weight.addmm_(grad.t().float(), h.float() * w)
+                    if wants_bias:
+                        grad_bias += (grad.float() * w).sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, token_weights, hidden, weight, bias, ref_ids,
                               ref_logprobs, ref_tail)
         ctx.logit_scale, ctx.chunk, ctx.wants = logit_scale, chunk, (wants_hidden, wants_weight, wants_bias)
