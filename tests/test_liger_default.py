@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from thinksafe.config.train import liger_layers_by_default
+from thinksafe.train.config import liger_layers_by_default
 
 
 def parse(*flags):
