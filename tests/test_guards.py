@@ -345,7 +345,7 @@ def test_every_cli_accepts_exactly_the_registered_guards(output_root, capsys):
     assert _offered(str(grpo_error.value)) == names
     for name in names:
         plan = resolve_plan({"devices": "cpu", "model_type": "demo", "guard": name}, check_devices=False)
-        assert plan["guard"] == name and resolve_dataset(f"thinksafe-{name}").kind == "self"
+        assert plan.guard == name and resolve_dataset(f"thinksafe-{name}").kind == "self"
 
 
 @pytest.mark.parametrize("call", [load_guard, validate_guard_name, guard_label])

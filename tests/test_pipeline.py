@@ -4,7 +4,7 @@ pipeline or a script started it (the commands are parsed back, as the stages par
 from pathlib import Path
 
 from thinksafe import pipeline, synthesize
-from thinksafe.config import recipe_values
+from thinksafe.recipes import recipe_values
 from thinksafe.plan import resolve_plan
 from thinksafe.train import sft as train_sft
 
@@ -24,47 +24,47 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
 
     sft = recipe_values("demo", "sft")
-    assert plan["rank"] == str(sft["lora_r"]) and plan["epochs"] == "3"  # the recipe's rank, the paper's epochs
-    assert plan["guard"] == "refusal-judge"
+    assert plan.rank == sft["lora_r"] and plan.epochs == 3  # the recipe's rank, the paper's epochs (typed)
+    assert plan.guard == "refusal-judge" and plan.devices == ("cpu",) and plan.num_devices == 0
 
     pipeline.synthesize_if_needed(plan)
     (name, cmd, log), = steps
     synth = recipe_values("demo", "synthesize")
     cfg = synthesize.config_from_args(synthesize.parse_args(stage_args(cmd)))
-    assert name == "synthesize" and cfg.guard == "refusal-judge" and cfg.out == Path(plan["data_dir"])
+    assert name == "synthesize" and cfg.guard == "refusal-judge" and cfg.out == plan.data_dir
     assert (cfg.sampling.n, cfg.sampling.max_new_tokens) == (synth["samples_per_prompt"], synth["max_new_tokens"])
     assert cfg.steer_prefix == synth["steer_prefix"] and cfg.keep_unfinished_benign is True
     assert cfg.max_kept_per_prompt == synth["max_kept_per_prompt"] and cfg.prompts == "demo"
-    assert Path(log).parent == Path(plan["data_dir"])
+    assert Path(log).parent == plan.data_dir
 
     # the KL run's name, and what `train` parses from the run record, come from the recipe's sft section
     kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
-    assert sft["kl_on_unfinished"] is True and kl_plan["kl_on_unfinished"] == "true"
-    assert kl_plan["run_name"] == plan["run_name"] + "_kl_unfinished" and plan["kl_on_unfinished"] == "false"
+    assert sft["kl_on_unfinished"] is True and kl_plan.kl_on_unfinished is True and kl_plan.use_kl is True
+    assert kl_plan.paths.name == plan.paths.name + "_kl_unfinished" and plan.kl_on_unfinished is False
     steps.clear()
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((name, cmd, log)))
-    Path(kl_plan["path_adapter"]).mkdir(parents=True)  # what a finished train step leaves
+    kl_plan.paths.adapter.mkdir(parents=True)  # what a finished train step leaves
     pipeline.train(kl_plan)
     (name, cmd, log), = steps
     model_cfg, run, trained = train_sft.parse_args([*stage_args(cmd), "--device", "cpu", "--report_to", "none"])
     assert trained.use_kl and trained.kl_on_unfinished and model_cfg.lora_r == sft["lora_r"]
     assert trained.per_device_train_batch_size == sft["per_device_train_batch_size"]  # recipe, not in the record
     assert train_sft.run_config(model_cfg, run, trained).model.family.name == "demo"
-    assert run_name_of(model_cfg, run, trained) == kl_plan["run_name"]
+    assert run_name_of(model_cfg, run, trained) == kl_plan.paths.name
 
     monkeypatch.setattr(pipeline, "run_tasks_on_devices", lambda tasks, devices: [(t, 0) for t in tasks])
     results = pipeline.evaluate(plan)
     evaluate = recipe_values("demo", "evaluate")
     # one device: one process per model for all its tasks (one engine start each), the trained run first
     assert [t.name for t, _ in results] == [",".join(evaluate["tasks"])] * 2
-    assert [t.run_name for t, _ in results] == [plan["run_name"], plan["base_run_name"]]
-    assert results[0][0].log == Path(plan["path_logs"]) / f"eval_{'+'.join(evaluate['tasks'])}.log"
+    assert [t.run_name for t, _ in results] == [plan.paths.name, plan.base.name]
+    assert results[0][0].log == plan.paths.logs / f"eval_{'+'.join(evaluate['tasks'])}.log"
     # the trained run is evaluated through its adapter once it has one (LoRARequest on vLLM keeps the
     # update that a 16-bit merge rounds away), its merged model otherwise (a full fine-tune)
-    assert results[0][0].model == plan["path_merged"] and results[1][0].model == "demo/135M"
-    Path(plan["path_adapter"]).mkdir(parents=True, exist_ok=True)
-    (Path(plan["path_adapter"]) / "adapter_config.json").write_text("{}")
-    assert pipeline.evaluate(plan)[0][0].model == plan["path_adapter"]
+    assert results[0][0].model == str(plan.paths.merged) and results[1][0].model == "demo/135M"
+    plan.paths.adapter.mkdir(parents=True, exist_ok=True)
+    (plan.paths.adapter / "adapter_config.json").write_text("{}")
+    assert pipeline.evaluate(plan)[0][0].model == str(plan.paths.adapter)
     from thinksafe.evaluate.run import parse_args as evaluate_args
 
     task = results[0][0]
@@ -94,7 +94,7 @@ def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(mon
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
     kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
-    data_file = Path(plan["data_file"])
+    data_file = plan.data_file
     data_file.parent.mkdir(parents=True)
     data_file.write_text('{"instruction": "x"}\n')
     pipeline.synthesize_if_needed(plan)
@@ -121,15 +121,15 @@ def test_a_cached_kl_run_has_its_data_synthesized_with_the_base_models_top_k(mon
     steps = []
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
-    assert plan["kl_reference"] == "cached" and "_klcached" in plan["run_name"]
-    assert resolve_plan({"devices": "cpu", "model_type": "demo"})["kl_reference"] == ""  # no KL, no reference
+    assert plan.kl_reference == "cached" and "_klcached" in plan.paths.name
+    assert resolve_plan({"devices": "cpu", "model_type": "demo"}).kl_reference is None  # no KL, no reference
 
     pipeline.synthesize_if_needed(plan)
     (cmd,) = steps
     assert synthesize.parse_args(stage_args(cmd)).store_reference_topk == PIPELINE_REFERENCE_TOPK
 
     # data drawn without the top-k cannot gain it: refused in one line before any step runs
-    data_dir = Path(plan["data_dir"])
+    data_dir = plan.data_dir
     data_dir.mkdir(parents=True)
     for name in ("train.jsonl", "unfinished_benign.jsonl"):
         (data_dir / name).write_text("")
@@ -160,4 +160,4 @@ def test_a_failing_task_in_a_group_keeps_the_others_finishing(output_root, monke
     results = pipeline.evaluate(plan, include_base=False)
     assert started == ["heldout_harmful,aime24,xstest", "heldout_harmful", "aime24", "xstest"]
     assert [(t.name, code) for t, code in results] == [("heldout_harmful", 0), ("aime24", 1), ("xstest", 0)]
-    assert results[1][0].log == Path(plan["path_logs"]) / "eval_aime24.log"
+    assert results[1][0].log == plan.paths.logs / "eval_aime24.log"

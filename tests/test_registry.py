@@ -124,10 +124,10 @@ def test_paths_derive_from_run_name(output_root):
 
 def test_plan_defaults_match_paper_interface(output_root):
     plan = resolve_plan({"devices": "cpu"}, check_devices=False)
-    assert (plan["model_type"], plan["size"], plan["dataset"], plan["use_kl"], plan["prompt_masking"],
-            plan["rank"], plan["epochs"]) == ("qwen", "0.6B", "thinksafe", "false", "true", "32", "3")
-    assert plan["run_name"] == "qwen3-0.6B_thinksafe_r32_ep3_mask"
-    assert plan["guard"] == "llama-guard-3"
+    assert (plan.model_type, plan.size, plan.dataset, plan.use_kl, plan.prompt_masking,
+            plan.rank, plan.epochs) == ("qwen", "0.6B", "thinksafe", False, True, 32, 3)
+    assert plan.paths.name == "qwen3-0.6B_thinksafe_r32_ep3_mask"
+    assert plan.guard == "llama-guard-3"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

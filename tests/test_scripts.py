@@ -71,7 +71,7 @@ def test_synthesize_script_resolves_the_demo_recipe_as_the_pipeline_does(tmp_pat
     import sys
 
     from thinksafe import pipeline
-    from thinksafe.config import recipe_values
+    from thinksafe.recipes import recipe_values
     from thinksafe.plan import resolve_plan
 
     resolver = tmp_path / "resolve.py"

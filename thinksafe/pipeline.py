@@ -18,10 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from thinksafe.console import VERBOSE_ENV, verbose_from_env
 from thinksafe.errors import ThinksafeError
-from thinksafe.plan import POSITIONAL, resolve_plan
-from thinksafe.config import recipe_values
+from thinksafe.plan import POSITIONAL, RunPlan, resolve_plan, text
+from thinksafe.recipes import CONFIG_DIR, recipe_values
 from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up here: tests replace them
     StepFailed,
     Task,
@@ -36,7 +38,8 @@ from thinksafe.io import atomic_write_text
 from thinksafe.locks import writer_locks
 from thinksafe.merge import ADAPTER_CONFIG
 from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
-from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE
+from thinksafe.evaluate.tasks import task_groups as task_files_by_group
+from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE, results_root
 
 RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as the plan resolved it
 
@@ -45,20 +48,18 @@ RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as
 def evaluation_tasks(family: str) -> list[str]:
     """The reasoning group first (the longest tasks start first), then safety, each in the task files'
     order (eval/tasks/*.yaml); the recipe may name others (the demo)."""
-    from thinksafe.evaluate.tasks import task_groups
-
     tasks = recipe_values(family, "evaluate").get("tasks")
     if tasks:
         return [tasks] if isinstance(tasks, str) else list(tasks)
-    groups = task_groups()
+    groups = task_files_by_group()
     return [*groups["reasoning"], *groups["safety"]]
 
 
-def synthesize_if_needed(plan: dict) -> None:
-    if plan.get("dataset_kind") != "self":
+def synthesize_if_needed(plan: RunPlan) -> None:
+    if not plan.self_generated:
         return
-    data_file = Path(plan["data_file"])
-    needs_side_file = plan.get("kl_on_unfinished") == "true"
+    data_file = plan.data_file
+    needs_side_file = plan.kl_on_unfinished
     # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
     side_file_missing = needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
     check_reference_store(plan)
@@ -66,25 +67,25 @@ def synthesize_if_needed(plan: dict) -> None:
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
     # The stage reads the family's synthesis recipe itself (scripts/synthesize.sh gets the same data).
-    cmd = thinksafe_cmd("synthesize", "--model", f"{plan['model_type']}/{plan['size']}", "--guard", plan["guard"],
-                        "--out", plan["data_dir"], *(["--keep-unfinished-benign", "true"] if needs_side_file else []),
+    cmd = thinksafe_cmd("synthesize", "--model", f"{plan.model_type}/{plan.size}", "--guard", plan.guard,
+                        "--out", str(plan.data_dir), *(["--keep-unfinished-benign", "true"] if needs_side_file else []),
                         *(["--store-reference-topk", str(reference_topk(plan))] if needs_reference(plan) else []))
-    run_step("synthesize", cmd, Path(plan["data_dir"]) / "synthesize.log", env=device_env(first_device(plan)))
+    run_step("synthesize", cmd, plan.data_dir / "synthesize.log", env=device_env(plan.first_device))
 
 
-def needs_reference(plan: dict) -> bool:
-    return plan.get("kl_reference") == "cached"
+def needs_reference(plan: RunPlan) -> bool:
+    return plan.kl_reference == "cached"
 
 
-def reference_topk(plan: dict) -> int:
+def reference_topk(plan: RunPlan) -> int:
     """K for a cached-KL run: the synthesis recipe's store_reference_topk, else PIPELINE_REFERENCE_TOPK."""
-    return int(recipe_values(plan["model_type"], "synthesize").get("store_reference_topk") or PIPELINE_REFERENCE_TOPK)
+    return int(recipe_values(plan.model_type, "synthesize").get("store_reference_topk") or PIPELINE_REFERENCE_TOPK)
 
 
-def check_reference_store(plan: dict) -> None:
+def check_reference_store(plan: RunPlan) -> None:
     """A cached-KL run needs the base model's top-k captured while its data was generated: data made
     without it cannot gain it by a rerun (its samples are already drawn), so say so before anything runs."""
-    data_dir = Path(plan["data_dir"])
+    data_dir = plan.data_dir
     if needs_reference(plan) and (data_dir / SYNTH_TRAIN_FILE).exists() and not (data_dir / REFERENCE_TOPK_FILE).exists():
         raise ThinksafeError(
             f"kl_reference cached: {data_dir} was synthesized without the base model's top-k ({REFERENCE_TOPK_FILE}); "
@@ -92,39 +93,33 @@ def check_reference_store(plan: dict) -> None:
             "or train with kl_reference forward")
 
 
-def first_device(plan: dict) -> str:
-    return plan["devices"].split(",")[0]
-
-
-def train(plan: dict) -> None:
+def train(plan: RunPlan) -> None:
     # `thinksafe train` derives the run name from the same registry call as the plan; we check it.
     # --skip-finished: a rerun of a finished run (same data hash and settings) goes on to evaluation;
     # one whose data or settings changed is refused by train with what differs.
     args = ["--config", str(write_run_plan(plan)), "--skip-finished"]
-    if plan["devices"] == "cpu" or plan["num_devices"] == "1":
+    if plan.num_devices <= 1:
         cmd = thinksafe_cmd("train", *args)
     else:
-        config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "multi_gpu.yaml"
+        config = CONFIG_DIR / "accelerate" / "multi_gpu.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", plan["num_devices"], "-m", "thinksafe", "train", *args]
-    run_step("train", cmd, Path(plan["path_logs"]) / "train.log", env=device_env(plan["devices"]))
-    if not Path(plan["path_adapter"]).exists():
-        raise StepFailed(f"train finished but wrote no adapter at {plan['path_adapter']}")
+               "--num_processes", str(plan.num_devices), "-m", "thinksafe", "train", *args]
+    run_step("train", cmd, plan.paths.logs / "train.log", env=device_env(",".join(plan.devices)))
+    if not plan.paths.adapter.exists():
+        raise StepFailed(f"train finished but wrote no adapter at {plan.paths.adapter}")
 
 
-def write_run_plan(plan: dict) -> Path:
-    """The run record `train` reads (typed YAML, no flags rebuilt from strings)."""
-    import yaml
-
-    path = Path(plan["path_run_dir"]) / RUN_PLAN
+def write_run_plan(plan: RunPlan) -> Path:
+    """The run record `train` and `evaluate` read with --config: each stage's section as typed YAML."""
+    path = plan.paths.run_dir / RUN_PLAN
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(plan["record"], sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(plan.record, sort_keys=False))
     return path
 
 
-def merge(plan: dict) -> None:
-    cmd = thinksafe_cmd("merge", plan["path_run_dir"])
-    run_step("merge", cmd, Path(plan["path_logs"]) / "merge.log", env=device_env(first_device(plan)))
+def merge(plan: RunPlan) -> None:
+    cmd = thinksafe_cmd("merge", str(plan.paths.run_dir))
+    run_step("merge", cmd, plan.paths.logs / "merge.log", env=device_env(plan.first_device))
 
 
 def task_groups(names: list[str], devices: list[str]) -> list[list[str]]:
@@ -140,25 +135,24 @@ def evaluation_task(names: list[str], model: str, run_name: str, logs: Path, ext
     return Task(",".join(names), model, run_name, logs / f"eval_{'+'.join(names)}.log", extra)
 
 
-def trained_model(plan: dict) -> str:
+def trained_model(plan: RunPlan) -> str:
     """The adapter where the run has one: vLLM serves it through LoRARequest, which keeps the update
     apart from the 16-bit weights that would round most of it away (thinksafe.merge), and the
     transformers backend evaluates the float32 merge made by the merge step. A full fine-tune: its
     model."""
-    adapter = Path(plan["path_adapter"])
-    return str(adapter) if (adapter / ADAPTER_CONFIG).exists() else plan["path_merged"]
+    adapter = plan.paths.adapter
+    return str(adapter) if (adapter / ADAPTER_CONFIG).exists() else str(plan.paths.merged)
 
 
-def evaluate(plan: dict, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
-    devices = plan["devices"].split(",")
-    groups = task_groups(evaluation_tasks(plan["model_type"]), devices)
+def evaluate(plan: RunPlan, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
+    devices = list(plan.devices)
+    groups = task_groups(evaluation_tasks(plan.model_type), devices)
     extra = ["--config", str(write_run_plan(plan))]
     models = []
     if include_trained:
-        models.append((trained_model(plan), plan["run_name"], Path(plan["path_logs"])))
+        models.append((trained_model(plan), plan.paths.name, plan.paths.logs))
     if include_base:
-        models.append((f"{plan['model_type']}/{plan['size']}", plan["base_run_name"],
-                       Path(plan["base_results"]) / "logs"))
+        models.append((f"{plan.model_type}/{plan.size}", plan.base.name, plan.base.results / "logs"))
     tasks = [evaluation_task(names, model, run_name, logs, extra)
              for model, run_name, logs in models for names in groups]
     return with_failed_groups_split(run_tasks_on_devices(tasks, devices), devices)
@@ -179,8 +173,6 @@ def with_failed_groups_split(results: list[tuple[Task, int]], devices: list[str]
 
 def report() -> None:
     """The results table on the terminal; what the report's libraries print goes to its log."""
-    from thinksafe.registry import results_root
-
     root = Path(results_root())
     with open_log(root / "report.log", ["report"]) as log:
         subprocess.run(thinksafe_cmd("report", str(root)), check=False,
@@ -211,12 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_plan(plan: dict) -> None:
+def print_plan(plan: RunPlan) -> None:
+    flat = plan.to_dict()
     print("thinksafe run:", flush=True)
     for key in (*POSITIONAL, "run_name", "path_run_dir", "path_results"):
-        print(f"  {key:<15} {plan[key]}")
-    if plan.get("dataset_kind") == "self":
-        print(f"  {'guard':<15} {plan['guard']}\n  {'data_file':<15} {plan['data_file']}")
+        print(f"  {key:<15} {text(flat[key])}")
+    if plan.self_generated:
+        print(f"  {'guard':<15} {plan.guard}\n  {'data_file':<15} {plan.data_file}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by the step runner (thinksafe.steps)
     plan = resolve_plan({key: value for key, value in vars(args).items() if key != "verbose"})
-    trained = Path(plan["path_merged"]).exists() or Path(plan["path_adapter"]).exists()
+    trained = plan.paths.merged.exists() or plan.paths.adapter.exists()
     if args.eval_only and args.no_base and not trained:
-        raise ThinksafeError(f"nothing to evaluate: {plan['path_run_dir']} holds no trained model and "
+        raise ThinksafeError(f"nothing to evaluate: {plan.paths.run_dir} holds no trained model and "
                              "--no-base skips the base model; train it first or drop --no-base")
     print_plan(plan)
     if args.eval_only and not trained:
-        print(f"no trained run at {plan['path_run_dir']} (train it with scripts/train_and_eval.sh and the same "
+        print(f"no trained run at {plan.paths.run_dir} (train it with scripts/train_and_eval.sh and the same "
               "arguments): evaluating the base model only", flush=True)
     # One writer per run (and per data dir it synthesizes): a second pipeline on this run stops here.
     # The stages run as children under these locks (thinksafe.locks.HOLDER_ENV).
@@ -238,18 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_stages(plan, args, trained)
 
 
-def pipeline_locks(plan: dict, eval_only: bool) -> list[tuple[Path, str]]:
-    locks = [(Path(plan["path_run_dir"]), "run directory")]
-    if plan.get("dataset_kind") == "self" and not eval_only:
-        locks.append((Path(plan["data_dir"]), "data directory"))
+def pipeline_locks(plan: RunPlan, eval_only: bool) -> list[tuple[Path, str]]:
+    locks = [(plan.paths.run_dir, "run directory")]
+    if plan.self_generated and not eval_only:
+        locks.append((plan.data_dir, "data directory"))
     return locks
 
 
-def run_stages(plan: dict, args, trained: bool) -> int:
+def run_stages(plan: RunPlan, args, trained: bool) -> int:
     start = time.time()
     try:
         if args.eval_only:
-            if trained and not Path(plan["path_merged"]).exists():
+            if trained and not plan.paths.merged.exists():
                 merge(plan)
             results = evaluate(plan, include_base=not args.no_base, include_trained=trained)
         else:

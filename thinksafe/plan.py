@@ -13,8 +13,11 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from thinksafe.guards.registry import GUARD_SPECS
+from thinksafe.recipes import recipe_values
 from thinksafe.registry import (
     SELF_GENERATED,
     SYNTH_TRAIN_FILE,
@@ -25,10 +28,13 @@ from thinksafe.registry import (
     parse_bool,
     parse_positive_int,
     resolve_dataset,
+    RunPaths,
     resolve_model,
     run_paths,
     synthesized_data_dir,
 )
+from thinksafe.train.sft import content_settings, run_config
+from thinksafe.train.sft import parse_args as parse_sft
 
 # The paper's train_and_eval.sh defaults; size/rank/epochs fall back to the family and its recipe.
 POSITIONAL = ("devices", "model_type", "size", "dataset", "use_kl", "prompt_masking", "rank", "epochs")
@@ -73,35 +79,91 @@ def parse_devices(value: str, check_visible: bool = True, name: str = "devices")
     return ids
 
 
-def resolve_plan(args: dict, check_devices: bool = True) -> dict:
-    """Positional script arguments (None/'' = default) -> resolved values, run name and paths."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What the scripts' positional arguments resolve to, typed: the pipeline branches on these values
+    and writes `record` (each stage's typed section) for the stages to read back as the same types."""
+
+    devices: tuple[str, ...]  # ("cpu",) or GPU ids
+    model_type: str
+    size: str
+    model: str  # hub id or directory
+    dataset: str
+    dataset_kind: str  # registry.DatasetSpec.kind
+    dataset_source: str
+    use_kl: bool
+    prompt_masking: bool
+    rank: int
+    epochs: int
+    kl_on_unfinished: bool
+    kl_weighting: str
+    kl_reference: str | None  # None without KL
+    paths: RunPaths
+    base: RunPaths
+    record: dict
+    guard: str | None = None  # self-generated data: the guard that filters it
+    data_dir: Path | None = None
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.devices == ("cpu",)
+
+    @property
+    def num_devices(self) -> int:
+        return 0 if self.on_cpu else len(self.devices)
+
+    @property
+    def first_device(self) -> str:
+        return self.devices[0]
+
+    @property
+    def data_file(self) -> Path | None:
+        return self.data_dir / SYNTH_TRAIN_FILE if self.data_dir else None
+
+    @property
+    def self_generated(self) -> bool:
+        return self.dataset_kind == "self"
+
+    def to_dict(self) -> dict:
+        """The flat view `thinksafe plan` prints (key<TAB>value, or JSON), for people and scripts."""
+        flat = {"devices": ",".join(self.devices), "num_devices": self.num_devices, "model_type": self.model_type,
+                "size": self.size, "model": self.model, "dataset": self.dataset, "dataset_kind": self.dataset_kind,
+                "dataset_source": self.dataset_source, "use_kl": self.use_kl, "kl_on_unfinished": self.kl_on_unfinished,
+                "kl_weighting": self.kl_weighting, "kl_reference": self.kl_reference,
+                "prompt_masking": self.prompt_masking, "rank": self.rank, "epochs": self.epochs,
+                "run_name": self.paths.name, **{f"path_{k}": v for k, v in self.paths.to_dict().items() if k != "name"},
+                "base_run_name": self.base.name, "base_results": str(self.base.results), "record": self.record}
+        if self.self_generated:
+            flat.update(guard=self.guard, data_dir=str(self.data_dir), data_file=str(self.data_file))
+        return flat
+
+
+def resolve_plan(args: dict, check_devices: bool = True) -> RunPlan:
+    """Positional script arguments (None/'' = default) -> typed values, run name and paths. Each text
+    argument is converted here, once; nothing downstream parses it again."""
     given = given_arguments(args)
     family, size = family_and_size(given)
     use_kl = parse_bool(given["use_kl"], "use_kl")
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
-    devices = parse_devices(given["devices"], check_visible=check_devices)
+    rank = parse_positive_int(given["rank"], "rank") if given["rank"] else None
+    epochs = parse_positive_int(given["epochs"], "epochs") if given["epochs"] else None
+    devices = tuple(parse_devices(given["devices"], check_visible=check_devices))
     model = resolve_model(family.name, size)
     try:
         dataset = resolve_dataset(given["dataset"], family)
     except RegistryError as err:
         raise PlanError(f"dataset: {err}") from None
-    model_cfg, run, sft, cfg = training_config(given, family.name, size, use_kl, prompt_masking)
-    paths = run_paths(cfg)
-    plan = {
-        "devices": ",".join(devices), "num_devices": "0" if devices == ["cpu"] else str(len(devices)),
-        "model_type": family.name, "size": size, "model": model.source, "dataset": given["dataset"],
-        "dataset_kind": dataset.kind, "dataset_source": dataset.source, "use_kl": str(use_kl).lower(),
-        "kl_on_unfinished": str(cfg.kl_on_unfinished).lower(), "kl_weighting": cfg.kl_weighting,
-        "kl_reference": cfg.kl_reference if use_kl else "",
-        "prompt_masking": str(prompt_masking).lower(), "rank": str(cfg.rank), "epochs": str(cfg.epochs),
-        "run_name": paths.name, **{f"path_{k}": v for k, v in paths.to_dict().items() if k != "name"},
-        "base_run_name": base_paths(model).name, "base_results": str(base_paths(model).results),
-        "record": record(family.name, model_cfg, run, sft),
-    }
-    if dataset.kind == "self":
-        data_dir = synthesized_data_dir(model, dataset.source)
-        plan.update(guard=dataset.source, data_dir=str(data_dir), data_file=str(data_dir / SYNTH_TRAIN_FILE))
-    return plan
+    model_cfg, run, sft, cfg = training_config(family.name, size, given["dataset"], use_kl, prompt_masking, rank,
+                                               epochs)
+    data_dir = synthesized_data_dir(model, dataset.source) if dataset.kind == "self" else None
+    return RunPlan(
+        devices=devices, model_type=family.name, size=size, model=model.source, dataset=given["dataset"],
+        dataset_kind=dataset.kind, dataset_source=dataset.source, use_kl=sft.use_kl,
+        prompt_masking=sft.completion_only_loss, rank=cfg.rank, epochs=cfg.epochs,
+        kl_on_unfinished=cfg.kl_on_unfinished, kl_weighting=cfg.kl_weighting,
+        kl_reference=cfg.kl_reference if sft.use_kl else None, paths=run_paths(cfg), base=base_paths(model),
+        record=record(family.name, model_cfg, run, sft), guard=dataset.source if dataset.kind == "self" else None,
+        data_dir=data_dir)
 
 
 def given_arguments(args: dict) -> dict:
@@ -126,33 +188,34 @@ def family_and_size(given: dict):
     return family, size
 
 
-def training_config(given: dict, family: str, size: str, use_kl: bool, prompt_masking: bool):
-    """The typed config `train` will parse (recipe and all), so the plan names the run as train does."""
-    from thinksafe.train.sft import parse_args as parse_sft, run_config
-
-    for name in ("rank", "epochs"):
-        if given[name]:
-            parse_positive_int(given[name], name)
-    argv = ["--model", family, "--size", size, "--dataset", given["dataset"], "--use_kl", str(use_kl),
-            "--completion_only_loss", str(prompt_masking), "--device", "cpu", "--report_to", "none"]
-    argv += [*(["--lora_r", str(given["rank"])] if given["rank"] else []),
-             *(["--num_train_epochs", str(given["epochs"])] if given["epochs"] else [])]
-    model_cfg, run, sft = parse_sft(argv)
+def training_config(family: str, size: str, dataset: str, use_kl: bool, prompt_masking: bool, rank: int | None,
+                    epochs: int | None):
+    """The typed config `train` will parse (recipe and all), so the plan names the run as train does.
+    The positional values go in typed, laid over the recipes; the device is fixed to the CPU so that
+    planning never depends on the machine that plans (train resolves its own device when it runs)."""
+    typed = {"use_kl": use_kl, "completion_only_loss": prompt_masking,
+             **({"lora_r": rank} if rank is not None else {}),
+             **({"num_train_epochs": float(epochs)} if epochs is not None else {})}
+    model_cfg, run, sft = parse_sft(["--model", family, "--size", size, "--dataset", dataset, "--device", "cpu"],
+                                    typed=typed)
     return model_cfg, run, sft, run_config(model_cfg, run, sft)
 
 
 def record(family: str, model_cfg, run, sft) -> dict:
     """The run record's stage sections: what each stage is given, typed (pipeline writes it as YAML
     and passes it as `--config`); the stages read their family's recipe themselves."""
-    from thinksafe.train.sft import content_settings
-
     sft_section = {"model_name_or_path": model_cfg.model_name_or_path, "size": model_cfg.size,
                    "dataset": run.dataset, **content_settings(model_cfg, sft)}
-    from thinksafe.config import recipe_values
-
     # evaluate reads no family recipe itself (a model dir's family is known from its record): it gets
     # the family's evaluation settings here; the pipeline gives each task its own --tasks.
     return {"family": family, "sft": sft_section, "evaluate": recipe_values(family, "evaluate")}
+
+
+def text(value) -> str:
+    """A value as the tab-separated output has always shown it (booleans lower case, None empty)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    flat = plan.to_dict()
     if args.format == "json":
-        print(json.dumps(plan, indent=2))
+        print(json.dumps(flat, indent=2))
     else:
-        for key, value in plan.items():
+        for key, value in flat.items():
             if key != "record":  # typed sections: JSON only
-                print(f"{key}\t{value}")
+                print(f"{key}\t{text(value)}")
     return 0
 
 

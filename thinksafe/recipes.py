@@ -1,4 +1,4 @@
-"""Dataclass configs filled TRL's way: defaults in the dataclass, then the family's recipe, then an
+"""Where a stage's settings come from. Dataclass configs filled TRL's way: defaults in the dataclass, then the family's recipe, then an
 explicit `--config` file (a recipe or a run record), then the command line.
 
 Recipes live in configs/recipes/<family>/<stage>.yaml and hold only a family's departures from the
@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.io import read_text
+from thinksafe.registry import RegistryError, resolve_model
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPE_DIR = CONFIG_DIR / "recipes"
 RECIPE_OVERRIDE_ENV = "THINKSAFE_RECIPE"  # a file with stage sections laid over the family's (tests' tiny limits)
 STAGES = ("synthesize", "sft", "grpo", "evaluate")
@@ -30,8 +32,6 @@ def recipe_path(family: str, stage: str) -> Path:
 
 def read_yaml(path: Path) -> dict:
     import yaml
-
-    from thinksafe.io import read_text
 
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -106,8 +106,11 @@ def peek(argv: list[str], *names: str) -> dict:
     return vars(known)
 
 
-def parse_stage(stage: str, types: tuple, argv: list[str] | None, family: str | None, prog: str) -> tuple:
-    """Parse `argv` into instances of `types` (dataclasses) with the family's recipe for `stage`."""
+def parse_stage(stage: str, types: tuple, argv: list[str] | None, family: str | None, prog: str,
+                typed: dict | None = None) -> tuple:
+    """Parse `argv` into instances of `types` (dataclasses) with the family's recipe for `stage`;
+    `typed` (already typed values, e.g. the scripts' positional arguments resolved by `thinksafe plan`)
+    is laid over the recipes as they are: never turned into text and parsed again."""
     from trl import TrlParser
 
     class OneLineParser(TrlParser):
@@ -121,8 +124,34 @@ def parse_stage(stage: str, types: tuple, argv: list[str] | None, family: str | 
     # each file's values applied on their own, so that an unknown key is blamed on the file holding it
     for source, values in recipe_sources(family, stage, config):
         apply_defaults(parser, values, source)
+    if typed:
+        apply_defaults(parser, typed, "the positional arguments")
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a dataclass __post_init__ that is not ours
         raise ConfigError(str(err).splitlines()[0]) from None
     return tuple(item for item in parsed if not isinstance(item, argparse.Namespace))
+
+
+def family_in(argv: list[str] | None) -> str | None:
+    """The family named by --model (and --size/--model-type) in argv, for its recipe; None when the
+    model cannot be resolved yet (the full parse then reports why)."""
+    given = peek(list(argv or []), "model", "model_name_or_path", "size", "model_type", "config")
+    model = given["model"] or given["model_name_or_path"]
+    if not model and given["config"]:  # a run record names its family
+        return _family_in_config(given["config"])
+    if not model:
+        return None
+    try:
+        return resolve_model(model, given["size"], model_type=given["model_type"]).family.name
+    except (RegistryError, ValueError):
+        return None
+
+
+def _family_in_config(path: str) -> str | None:
+    family = read_yaml(Path(path)).get("family")
+    return family if isinstance(family, str) else None
+
+
+def parse_training(stage: str, types: tuple, argv: list[str] | None, prog: str, typed: dict | None = None) -> tuple:
+    return parse_stage(stage, types, argv, family_in(argv), prog, typed)

@@ -30,11 +30,15 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
 def wandb_mode(report_to: str = "auto") -> str:
     """'online', 'offline' or 'disabled'."""
     if report_to not in REPORT_CHOICES:
         raise ValueError(f"report_to must be one of {', '.join(REPORT_CHOICES)}, got {report_to!r}")
-    if report_to == "none" or importlib.util.find_spec("wandb") is None:
+    if report_to == "none" or not wandb_installed():
         return "disabled"
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinksafe.config.parse import ConfigError
+from thinksafe.recipes import ConfigError
 from thinksafe.evaluate.generate import DEFAULT_CHUNK
 from thinksafe.evaluate.tasks import DATA_SOURCES
 from thinksafe.generation import BACKENDS

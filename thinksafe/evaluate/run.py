@@ -141,8 +141,8 @@ def format_result(m: dict) -> str:
 
 def parse_args(argv: list[str] | None):
     """Flags over --config (a recipe, or the pipeline's run record with its `evaluate` section)."""
-    from thinksafe.config import parse_stage
-    from thinksafe.config.evaluation import EvaluationArguments
+    from thinksafe.recipes import parse_stage
+    from thinksafe.evaluate.config import EvaluationArguments
 
     (args,) = parse_stage("evaluate", (EvaluationArguments,), argv, None, "thinksafe evaluate")
     return args

@@ -43,7 +43,7 @@ class RunConfig:
 
     model: ModelSpec
     dataset: str
-    rank: int  # no defaults here: the training config (thinksafe/config/train.py) owns them
+    rank: int  # no defaults here: the training config (thinksafe/train/config.py) owns them
     epochs: int
     prompt_masking: bool = True
     use_kl: bool = False

@@ -84,8 +84,8 @@ def summary(result: SynthResult) -> str:
 def parse_args(argv: list[str] | None):
     """Flags over --config over the family's recipe (configs/recipes/<family>/synthesize.yaml) over
     the defaults: so `scripts/synthesize.sh cpu demo` writes the same data as the demo pipeline."""
-    from thinksafe.config import parse_training
-    from thinksafe.config.synthesis import SynthesisArguments
+    from thinksafe.recipes import parse_training
+    from thinksafe.synthesize.config import SynthesisArguments
 
     (args,) = parse_training("synthesize", (SynthesisArguments,), argv, "thinksafe synthesize")
     return args

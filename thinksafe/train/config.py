@@ -14,9 +14,11 @@ from typing import Literal
 
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
-from thinksafe.config.parse import ConfigError
+from thinksafe.models import resolve_device
+from thinksafe.recipes import ConfigError
 from thinksafe.registry import DEFAULT_KL_REFERENCE, DEFAULT_KL_WEIGHTING, MAX_LORA_RANK
-from thinksafe.tracking import REPORT_CHOICES
+from thinksafe.tracking import REPORT_CHOICES, configure_wandb, wandb_installed
+from thinksafe.train.common import batch_split
 
 
 def _alias(*flags: str, help: str = "") -> dict:
@@ -77,15 +79,13 @@ class _ThinkSafeTrainerMixin:
     def split_batch(self, processes: int) -> None:
         """per-device batch x accumulation x processes = effective batch (TRL's GRPOConfig derives its
         generation batch from these in __post_init__, so they are set before it runs)."""
-        from thinksafe.train.common import batch_split
-
         self.per_device_train_batch_size, self.gradient_accumulation_steps = batch_split(
             self.effective_batch_size, self.per_device_train_batch_size, processes)
 
     def check_and_place(self) -> None:
-        from thinksafe.models import resolve_device
-        from thinksafe.tracking import configure_wandb
-
+        """Checks, and the values derived from the device and the process count (which TRL's own
+        __post_init__ reads next). Reads torch and WORLD_SIZE; changes nothing outside this object:
+        the tracker is set up by the stage when it runs (`start_tracking`), not when a config is built."""
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -97,7 +97,14 @@ class _ThinkSafeTrainerMixin:
         on_gpu = self.target_device.startswith("cuda")
         self.bf16, self.use_cpu = on_gpu, not on_gpu
         if isinstance(self.report_to, str) and self.report_to in REPORT_CHOICES:
-            self.report_to = configure_wandb(self.report_to)  # TRL starts wandb itself: mode set first
+            # our choice kept for start_tracking; TRL's field says which integration the Trainer may load
+            self.tracking = self.report_to
+            self.report_to = ["wandb"] if self.report_to != "none" and wandb_installed() else []
+
+    def start_tracking(self) -> None:
+        """Where the run logs (wandb online/offline, or nowhere): set up by the stage before the Trainer
+        is built, since TRL starts wandb itself and reads WANDB_MODE then. May probe the wandb server."""
+        self.report_to = configure_wandb(getattr(self, "tracking", "auto"))
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from thinksafe.console import say
 from thinksafe.progress import trainer_progress_callback
-from thinksafe.config import parse_training
+from thinksafe.recipes import parse_training
 from thinksafe.locks import writer_lock
-from thinksafe.config.train import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
+from thinksafe.train.config import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
 from thinksafe.registry import ModelSpec, grpo_run_name, paths_for_name, resolve_model
 from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and docs import them from grpo)
     capped_completion_length,
@@ -69,7 +69,7 @@ class GRPORun:
 
 
 def parse_args(argv: list[str] | None) -> GRPORun:
-    """Defaults (thinksafe/config/train.py), the family's configs/recipes/<family>/grpo.yaml, flags."""
+    """Defaults (thinksafe/train/config.py), the family's configs/recipes/<family>/grpo.yaml, flags."""
     model_cfg, args, config = parse_training("grpo", (ThinkSafeModelConfig, GRPOArguments, ThinkSafeGRPOConfig),
                                              argv, "thinksafe grpo")
     if not args.dataset:
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from thinksafe.train.rewards import FormatReward, GuardReward
 
     model_cfg, args, config, spec, paths = run.model, run.args, run.config, run.spec, run.paths
+    config.start_tracking()  # wandb set up (and an online run's key checked) before any work
     check_model_source(spec.source)
     device = config.target_device
     distributed_state(device)  # before anything asks which process is the main one

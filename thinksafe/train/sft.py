@@ -14,9 +14,9 @@ import time
 
 from thinksafe.console import say
 from thinksafe.progress import trainer_progress_callback
-from thinksafe.config import parse_training
+from thinksafe.recipes import parse_training
 from thinksafe.locks import writer_lock
-from thinksafe.config.train import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
+from thinksafe.train.config import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
 from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, run_paths
 from thinksafe.train.common import (
     TrainConfigError,
@@ -44,8 +44,10 @@ CONTENT_SETTINGS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[ThinkSafeModelConfig, RunArguments, ThinkSafeSFTConfig]:
-    return parse_training("sft", (ThinkSafeModelConfig, RunArguments, ThinkSafeSFTConfig), argv, PROG)
+def parse_args(argv: list[str] | None, typed: dict | None = None) -> tuple[ThinkSafeModelConfig, RunArguments,
+                                                                          ThinkSafeSFTConfig]:
+    """`typed`: field values already typed (the plan's), laid over the recipes (thinksafe.recipes)."""
+    return parse_training("sft", (ThinkSafeModelConfig, RunArguments, ThinkSafeSFTConfig), argv, PROG, typed)
 
 
 def run_config(model_cfg: ThinkSafeModelConfig, run: RunArguments, sft: ThinkSafeSFTConfig) -> RunConfig:
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     # Everything that can be checked without a model is checked first: arguments, device, data.
     model_cfg, run, sft = parse_args(argv)
+    sft.start_tracking()  # wandb set up (and an online run's key checked) before any work
     if not run.dataset:
         raise TrainConfigError("--dataset is required")
     cfg = run_config(model_cfg, run, sft)
