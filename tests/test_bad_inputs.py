@@ -208,10 +208,15 @@ def test_4_rerun_of_a_finished_run_skips_training_and_appends_logs(tiny_qwen3, c
                            "--skip-finished")
     one_line_error(code, err, "finished run with other data", "dataset_sha256")
 
-    plan = {"model_type": "demo", "size": "135M", "dataset": "thinksafe", "rank": "4", "epochs": "1",
-            "prompt_masking": "true", "use_kl": "false", "kl_on_unfinished": "false", "kl_weighting": "row", "devices": "cpu",
-            "num_devices": "0", "path_logs": str(tmp_path / "logs"), "path_adapter": str(run_dir / "adapter"),
-            "path_run_dir": str(run_dir), "record": {"family": "demo", "sft": {}}}
+    from dataclasses import replace
+
+    from thinksafe.plan import resolve_plan
+    from thinksafe.registry import RunPaths
+
+    paths = RunPaths(name=run_dir.name, run_dir=run_dir, adapter=run_dir / "adapter", merged=run_dir / "merged",
+                     checkpoints=run_dir / "checkpoints", logs=tmp_path / "logs", results=tmp_path / "results")
+    plan = replace(resolve_plan({"devices": "cpu", "model_type": "demo", "rank": "4", "epochs": "1"}),
+                   paths=paths, record={"family": "demo", "sft": {}})
     steps = []
     real_run_step = pipeline.run_step
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))

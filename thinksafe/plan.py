@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinksafe.guards.registry import GUARD_SPECS
+from thinksafe.guards import GUARD_SPECS, GuardError, check_named_guard
 from thinksafe.recipes import recipe_values
 from thinksafe.registry import (
     SELF_GENERATED,
@@ -151,7 +151,9 @@ def resolve_plan(args: dict, check_devices: bool = True) -> RunPlan:
     model = resolve_model(family.name, size)
     try:
         dataset = resolve_dataset(given["dataset"], family)
-    except RegistryError as err:
+        if dataset.kind == "self":
+            check_named_guard(dataset.source, repr(given["dataset"]))
+    except (RegistryError, GuardError) as err:
         raise PlanError(f"dataset: {err}") from None
     model_cfg, run, sft, cfg = training_config(family.name, size, given["dataset"], use_kl, prompt_masking, rank,
                                                epochs)

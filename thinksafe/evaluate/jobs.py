@@ -19,7 +19,8 @@ from thinksafe.evaluate.models import EvalModel, EvaluateError, model_version
 from thinksafe.evaluate.reasoning import SCORER
 from thinksafe.evaluate.tasks import EvalItem, TaskSpec, expand_tasks, get_task, load_items
 from thinksafe.io import atomic_write_json, read_json
-from thinksafe.registry import REFUSAL_JUDGE, Family, Sampling, paths_for_name
+from thinksafe.guards import REFUSAL_JUDGE
+from thinksafe.registry import Family, Sampling, paths_for_name
 
 METRICS = "metrics.json"
 SETTINGS = "settings.json"  # in a staging dir: the settings its partial log was generated with

@@ -34,7 +34,7 @@ from thinksafe.guards.llama_guard import (
     styled_guard_input,
     verdict_token_ids,
 )
-from thinksafe.guards.loading import guard_label, load_guard, server_guard, validate_guard_name
+from thinksafe.guards.loading import check_named_guard, guard_label, load_guard, server_guard, validate_guard_name
 from thinksafe.guards.refusal import (
     BENIGN_REFUSED,
     COMPLIANCE_PIVOTS,

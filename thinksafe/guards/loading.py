@@ -10,6 +10,12 @@ from thinksafe.guards.server import VLLMServerBackend
 from thinksafe.guards.wildguard import WILDGUARD_MAX_INPUT_TOKENS
 
 
+def check_named_guard(name: str, where: str) -> None:
+    """A self-generated dataset names its guard (`thinksafe-<guard>`): one of the registered guards."""
+    if name not in GUARD_SPECS:
+        raise GuardError(f"{where} names an unknown guard {name!r}; choose one of: {', '.join(GUARD_SPECS)}")
+
+
 def validate_guard_name(name_or_path: str, style: str | None = None) -> GuardSpec:
     """Fail fast (before any model loads) on a guard name that load_guard would reject; the spec."""
     registered = GUARD_SPECS.get(name_or_path)

@@ -70,16 +70,6 @@ from thinksafe.registry.parsing import (  # noqa: F401
 )
 
 
-def __getattr__(name: str):
-    """GUARDS (named guard -> hub id) and REFUSAL_JUDGE still import from here; they are read from
-    thinksafe.guards (the one list of guards) on first use, since thinksafe.guards imports this module."""
-    if name in ("GUARDS", "REFUSAL_JUDGE"):
-        import thinksafe.guards
-
-        return getattr(thinksafe.guards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "DATASETS",
     "DEFAULT_GUARD",

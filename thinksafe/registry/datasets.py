@@ -49,18 +49,17 @@ class DatasetSpec:
 
 
 def resolve_dataset(dataset: str, family: Family | None = None) -> DatasetSpec:
-    """`thinksafe` alone uses the family's default guard; `thinksafe-<guard>` names one."""
-    from thinksafe.guards import GUARD_SPECS  # here: thinksafe.guards imports this module
-
-    guard = dataset[len(SELF_GENERATED) + 1 :] if dataset.startswith(SELF_GENERATED + "-") else ""
-    if dataset == SELF_GENERATED or guard in GUARD_SPECS:
-        guard = guard or (family.default_guard if family else DEFAULT_GUARD)
-        return DatasetSpec(name=dataset, kind="self", source=guard)
+    """`thinksafe` alone uses the family's default guard; `thinksafe-<guard>` names one (which guards
+    exist is the guards package's to say: the stages that use one check it, thinksafe.guards)."""
+    if dataset == SELF_GENERATED:
+        return DatasetSpec(name=dataset, kind="self", source=family.default_guard if family else DEFAULT_GUARD)
     if dataset in DATASETS:
         return DatasetSpec(name=dataset, kind="published", source=DATASETS[dataset])
     path = Path(dataset)
     if path.exists():
         return DatasetSpec(name=_slugify(path.stem if path.is_file() else path.name), kind="local", source=str(path))
+    if dataset.startswith(SELF_GENERATED + "-") and "/" not in dataset:
+        return DatasetSpec(name=dataset, kind="self", source=dataset[len(SELF_GENERATED) + 1:])
     if re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
         return DatasetSpec(name=_slugify(dataset.split("/")[-1]), kind="hub", source=dataset)
     raise RegistryError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.guards import check_named_guard
 from thinksafe.registry import (
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
@@ -65,6 +66,7 @@ def dataset_source(dataset: str, model: ModelSpec) -> tuple[DatasetSpec, str]:
     """(spec, where to read): `thinksafe[-<guard>]` -> data/<model>_<guard>/train.jsonl from synthesize."""
     spec = resolve_dataset(dataset, model.family)
     if spec.kind == "self":
+        check_named_guard(spec.source, f"dataset {dataset!r}")
         path = synthesized_data_dir(model, spec.source) / SYNTH_TRAIN_FILE
         if not path.exists():
             raise DatasetError(
