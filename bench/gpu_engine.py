@@ -140,7 +140,6 @@ def main() -> None:
     parser.add_argument("--sections", default="lora,guard,throughput")
     args = parser.parse_args()
     import torch
-
     from tiny_models import QWEN3_0_6B, build_tiny_model
 
     work = args.out.parent / "gpu_engine_work"

@@ -41,9 +41,8 @@ def save_tokenizer(out: Path) -> None:
 
 def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
-
     from r1_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
 
     config = Qwen2Config(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **shape)
     torch.manual_seed(0)

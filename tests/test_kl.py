@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rows_file
 
 from thinksafe.registry import FAMILIES
-
-from helpers import rows_file
 
 IGNORE = -100
 
@@ -18,13 +15,13 @@ IGNORE = -100
 def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, batch=4, lora_init_scale=0.5,
                  weighting="row", varied=False):
     """A KLSFTTrainer on a tiny model with non-zero LoRA weights (so model != base)."""
+    from trl import SFTConfig
+
     from thinksafe.models import load_model, load_tokenizer
     from thinksafe.registry import resolve_model
     from thinksafe.train.common import lora_config
-    from thinksafe.train.data import build_train_dataset, read_records, to_rows
-    from thinksafe.train.data import make_collator
+    from thinksafe.train.data import build_train_dataset, make_collator, read_records, to_rows
     from thinksafe.train.kl import KLSFTTrainer
-    from trl import SFTConfig
 
     path, _ = rows_file(tmp_path, n, varied=varied)
     spec = resolve_model(str(model_dir), model_type=family)

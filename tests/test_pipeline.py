@@ -4,8 +4,8 @@ pipeline or a script started it (the commands are parsed back, as the stages par
 from pathlib import Path
 
 from thinksafe import pipeline, synthesize
-from thinksafe.recipes import recipe_values
 from thinksafe.plan import resolve_plan
+from thinksafe.recipes import recipe_values
 from thinksafe.train import sft as train_sft
 
 

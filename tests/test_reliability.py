@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_bad_inputs import (
-    EVAL_OPTIONS,
     FAST_EVAL,
     FAST_TRAIN,
     ROOT,

@@ -71,8 +71,8 @@ def test_synthesize_script_resolves_the_demo_recipe_as_the_pipeline_does(tmp_pat
     import sys
 
     from thinksafe import pipeline
-    from thinksafe.recipes import recipe_values
     from thinksafe.plan import resolve_plan
+    from thinksafe.recipes import recipe_values
 
     resolver = tmp_path / "resolve.py"
     resolver.write_text(RESOLVED_SYNTHESIS)

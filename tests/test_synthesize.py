@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from thinksafe import cli
-from thinksafe.errors import ThinksafeError
 from thinksafe.chat import opened_think
+from thinksafe.errors import ThinksafeError
 from thinksafe.generation import Completion, Generator, HFGenerator
 from thinksafe.guards import Guard, Verdict, is_refusal, keep_rule, load_guard
 from thinksafe.io import read_jsonl

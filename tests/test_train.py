@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from helpers import rows_file
 from safetensors.torch import load_file
 
-from helpers import rows_file
 from thinksafe.errors import ThinksafeError
 
 FAST = ["--rank", "4", "--epochs", "1", "--effective-batch-size", "2", "--per-device-batch-size", "2",

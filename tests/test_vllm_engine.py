@@ -292,7 +292,8 @@ def test_the_jobs_sampling_seed_seeds_the_vllm_engine(demo_model, monkeypatch):
 
     from thinksafe.evaluate.models import make_policy_generator, resolve_eval_model
     from thinksafe.evaluate.run import parse_args as parse_eval
-    from thinksafe.synthesize import config_from_args, parse_args as parse_synth
+    from thinksafe.synthesize import config_from_args
+    from thinksafe.synthesize import parse_args as parse_synth
     from thinksafe.synthesize.generate import make_default_generator
 
     engines = []

@@ -10,10 +10,9 @@ token-exact prefix of the conversation by construction (prompt masking relies on
 
 from __future__ import annotations
 
-from thinksafe.errors import ThinksafeError
-
 from dataclasses import dataclass
 
+from thinksafe.errors import ThinksafeError
 from thinksafe.registry import Family
 
 THINK_OPEN = "<think>"

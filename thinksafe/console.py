@@ -149,7 +149,8 @@ class Relay:
                 for mark, final in ((PROGRESS_MARK, False), (PROGRESS_END_MARK, True)):
                     if text.startswith(mark):
                         body = text[len(mark):]
-                        self.terminal.progress(self.prefix + body, final, key=self.prefix + body.split(":", 1)[0].split(" (", 1)[0])
+                        phase = body.split(":", 1)[0].split(" (", 1)[0]  # "train (loss 1.2): 3/9" -> "train"
+                        self.terminal.progress(self.prefix + body, final, key=self.prefix + phase)
                         break
                 else:
                     self.terminal.line(self.prefix + text)

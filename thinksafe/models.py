@@ -8,9 +8,6 @@ directory once to the cache; every later load reads that directory.
 
 from __future__ import annotations
 
-from thinksafe.console import say
-from thinksafe.errors import ThinksafeError
-
 import logging
 import os
 import shutil
@@ -18,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 from thinksafe.chat import require_chat_template
+from thinksafe.console import say
+from thinksafe.errors import ThinksafeError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,8 @@ def require_downloadable(source: str) -> None:
     try:
         HfApi().model_info(source, timeout=HUB_PROBE_TIMEOUT_S)
     except GatedRepoError:
-        raise ModelLoadError(f"{source} is gated: accept its terms on its hub page, then `huggingface-cli login`") from None
+        raise ModelLoadError(
+            f"{source} is gated: accept its terms on its hub page, then `huggingface-cli login`") from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"{source} is neither a local directory nor a model on the hub (or it is private: "
                              "`huggingface-cli login`)") from None

@@ -22,8 +22,14 @@ import yaml
 
 from thinksafe.console import VERBOSE_ENV, verbose_from_env
 from thinksafe.errors import ThinksafeError
+from thinksafe.evaluate.tasks import task_groups as task_files_by_group
+from thinksafe.io import atomic_write_text
+from thinksafe.locks import writer_locks
+from thinksafe.merge import ADAPTER_CONFIG
 from thinksafe.plan import POSITIONAL, RunPlan, resolve_plan, text
 from thinksafe.recipes import CONFIG_DIR, recipe_values
+from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
+from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE, results_root
 from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up here: tests replace them
     StepFailed,
     Task,
@@ -34,12 +40,6 @@ from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up
     run_tasks_on_devices,
     thinksafe_cmd,
 )
-from thinksafe.io import atomic_write_text
-from thinksafe.locks import writer_locks
-from thinksafe.merge import ADAPTER_CONFIG
-from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
-from thinksafe.evaluate.tasks import task_groups as task_files_by_group
-from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE, results_root
 
 RUN_PLAN = "run_plan.yaml"  # the run record: the typed config of each stage, as the plan resolved it
 
@@ -86,7 +86,8 @@ def check_reference_store(plan: RunPlan) -> None:
     """A cached-KL run needs the base model's top-k captured while its data was generated: data made
     without it cannot gain it by a rerun (its samples are already drawn), so say so before anything runs."""
     data_dir = plan.data_dir
-    if needs_reference(plan) and (data_dir / SYNTH_TRAIN_FILE).exists() and not (data_dir / REFERENCE_TOPK_FILE).exists():
+    store_missing = (data_dir / SYNTH_TRAIN_FILE).exists() and not (data_dir / REFERENCE_TOPK_FILE).exists()
+    if needs_reference(plan) and store_missing:
         raise ThinksafeError(
             f"kl_reference cached: {data_dir} was synthesized without the base model's top-k ({REFERENCE_TOPK_FILE}); "
             "synthesize again into a fresh THINKSAFE_OUTPUT_DIR (the pipeline then passes --store-reference-topk) "
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-base", action="store_true", help="do not evaluate the untouched base model")
     parser.add_argument("--verbose", action="store_true",
                         help=f"stream every stage's whole output (engine logs, warnings) to the terminal too; "
-                             f"default: each stage's own lines, the rest in its log file ({VERBOSE_ENV}=1 does the same)")
+                             f"default: each stage's own lines, the rest in its log file "
+                             f"({VERBOSE_ENV}=1 does the same)")
     return parser
 
 

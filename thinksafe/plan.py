@@ -19,16 +19,16 @@ from pathlib import Path
 from thinksafe.guards import GUARD_SPECS, GuardError, check_named_guard
 from thinksafe.recipes import recipe_values
 from thinksafe.registry import (
+    MODEL_TYPES,
     SELF_GENERATED,
     SYNTH_TRAIN_FILE,
-    MODEL_TYPES,
     RegistryError,
+    RunPaths,
     base_paths,
     get_family,
     parse_bool,
     parse_positive_int,
     resolve_dataset,
-    RunPaths,
     resolve_model,
     run_paths,
     synthesized_data_dir,
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(run name, every output path). Empty arguments take the defaults.",
     )
     for name in POSITIONAL:
-        parser.add_argument(name, nargs="?", default="", help=f"default: {DEFAULTS.get(name, 'from the family/recipe')}")
+        parser.add_argument(name, nargs="?", default="",
+                            help=f"default: {DEFAULTS.get(name, 'from the family/recipe')}")
     parser.add_argument("--guard", default="", help="synthesis guard (sets dataset to thinksafe-<guard>)")
     parser.add_argument("--format", choices=("tsv", "json"), default="tsv")
     parser.add_argument("--no-device-check", action="store_true", help="skip the torch visibility check of GPU ids")

@@ -1,4 +1,5 @@
-"""Where a stage's settings come from. Dataclass configs filled TRL's way: defaults in the dataclass, then the family's recipe, then an
+"""Where a stage's settings come from. Dataclass configs filled TRL's way: defaults in the dataclass,
+then the family's recipe, then an
 explicit `--config` file (a recipe or a run record), then the command line.
 
 Recipes live in configs/recipes/<family>/<stage>.yaml and hold only a family's departures from the

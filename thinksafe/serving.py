@@ -84,7 +84,8 @@ def wait_until_ready(url: str, timeout_s: float = READY_TIMEOUT_S, pid: int | No
         if not process_alive(pid):
             raise ServerError(f"{name} (pid {pid}) exited before {url} answered; last lines of {log}:\n{log_tail(log)}")
         if waited >= timeout_s:
-            raise ServerError(f"{name} not ready at {url} after {timeout_s:.0f} s; last lines of {log}:\n{log_tail(log)}")
+            raise ServerError(
+                f"{name} not ready at {url} after {timeout_s:.0f} s; last lines of {log}:\n{log_tail(log)}")
         time.sleep(interval_s)
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinksafe.console import Relay, TERMINAL, verbose_from_env
+from thinksafe.console import TERMINAL, Relay, verbose_from_env
 from thinksafe.errors import ThinksafeError
 
 POLL_SECONDS = 2.0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinksafe.recipes import ConfigError
 from thinksafe.evaluate.generate import DEFAULT_CHUNK
 from thinksafe.evaluate.tasks import DATA_SOURCES
 from thinksafe.generation import BACKENDS
+from thinksafe.recipes import ConfigError
 from thinksafe.tracking import REPORT_CHOICES
 
 REASONING_BACKENDS = ("auto", "builtin", "skythought")
@@ -32,7 +32,8 @@ class EvaluationArguments:
     backend: str = field(default="auto", metadata={
         "choices": BACKENDS, "help": "auto: vLLM when installed with a GPU, else transformers"})
     reasoning_backend: str = field(default="auto", metadata={
-        "choices": REASONING_BACKENDS, "help": "auto: SkyThought for reasoning tasks when installed and the backend is vLLM"})
+        "choices": REASONING_BACKENDS,
+        "help": "auto: SkyThought for reasoning tasks when installed and the backend is vLLM"})
     data: str = field(default="auto", metadata={
         "choices": DATA_SOURCES, "help": "hub (full benchmarks) or bundled (eval/ subsets); auto: the family's"})
     data_file: str | None = field(default=None, metadata={

@@ -18,8 +18,8 @@ from thinksafe.evaluate import skythought
 from thinksafe.evaluate.models import EvalModel, EvaluateError, model_version
 from thinksafe.evaluate.reasoning import SCORER
 from thinksafe.evaluate.tasks import EvalItem, TaskSpec, expand_tasks, get_task, load_items
-from thinksafe.io import atomic_write_json, read_json
 from thinksafe.guards import REFUSAL_JUDGE
+from thinksafe.io import atomic_write_json, read_json
 from thinksafe.registry import Family, Sampling, paths_for_name
 
 METRICS = "metrics.json"

@@ -59,6 +59,7 @@ from thinksafe.guards.wildguard import (
 
 __all__ = [
     "BENIGN_REFUSED",
+    "check_named_guard",
     "COMPLIANCE_PIVOTS",
     "DEFAULT_BATCH_SIZE",
     "GUARDS",

@@ -11,34 +11,38 @@ is exactly one `run_paths` and the tests check that every stage calls it.
 
 from __future__ import annotations
 
+from thinksafe.registry.datasets import (  # noqa: F401
+    _PUBLISHED_ORG,
+    BENIGN,
+    DATASETS,
+    DEFAULT_GUARD,
+    HARMFUL,
+    PROMPT_SOURCES,
+    SELF_GENERATED,
+    DatasetSpec,
+    is_harmful_label,
+    resolve_dataset,
+)
 from thinksafe.registry.families import (  # noqa: F401
-    EVAL_MAX_NEW_TOKENS,
-    FAMILIES,
-    Family,
-    MODEL_TYPES,
-    ModelSpec,
-    RegistryError,
-    SYNTH_MAX_NEW_TOKENS,
-    Sampling,
     _QWEN3_SIZES,
     _R1_LLAMA_SIZES,
     _R1_QWEN_SIZES,
+    EVAL_MAX_NEW_TOKENS,
+    FAMILIES,
+    MODEL_TYPES,
+    SYNTH_MAX_NEW_TOKENS,
+    Family,
+    ModelSpec,
+    RegistryError,
+    Sampling,
     _slugify,
     family_for_model,
     get_family,
     resolve_model,
 )
-from thinksafe.registry.datasets import (  # noqa: F401
-    BENIGN,
-    DATASETS,
-    DEFAULT_GUARD,
-    DatasetSpec,
-    HARMFUL,
-    PROMPT_SOURCES,
-    SELF_GENERATED,
-    _PUBLISHED_ORG,
-    is_harmful_label,
-    resolve_dataset,
+from thinksafe.registry.parsing import (  # noqa: F401
+    parse_bool,
+    parse_positive_int,
 )
 from thinksafe.registry.runs import (  # noqa: F401
     DEFAULT_KL_REFERENCE,
@@ -47,12 +51,12 @@ from thinksafe.registry.runs import (  # noqa: F401
     KL_WEIGHTINGS,
     MAX_LORA_RANK,
     ROW_WEIGHTING,
-    RunConfig,
-    RunPaths,
     SYNTH_STATS_FILE,
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
     TOKEN_WEIGHTING,
+    RunConfig,
+    RunPaths,
     base_paths,
     base_run_name,
     check_lora_rank,
@@ -64,11 +68,6 @@ from thinksafe.registry.runs import (  # noqa: F401
     run_paths,
     synthesized_data_dir,
 )
-from thinksafe.registry.parsing import (  # noqa: F401
-    parse_bool,
-    parse_positive_int,
-)
-
 
 __all__ = [
     "DATASETS",

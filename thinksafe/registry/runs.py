@@ -54,9 +54,11 @@ class RunConfig:
 
     def __post_init__(self):
         if self.kl_weighting not in KL_WEIGHTINGS:
-            raise RegistryError(f"kl_weighting {self.kl_weighting!r} is unknown; choose one of: {', '.join(KL_WEIGHTINGS)}")
+            raise RegistryError(
+                f"kl_weighting {self.kl_weighting!r} is unknown; choose one of: {', '.join(KL_WEIGHTINGS)}")
         if self.kl_reference not in KL_REFERENCES:
-            raise RegistryError(f"kl_reference {self.kl_reference!r} is unknown; choose one of: {', '.join(KL_REFERENCES)}")
+            raise RegistryError(
+                f"kl_reference {self.kl_reference!r} is unknown; choose one of: {', '.join(KL_REFERENCES)}")
         for name in ("rank", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -70,7 +70,8 @@ def summary(result: SynthResult) -> str:
         f"  kept:      {s['kept']['total']} ({s['kept']['harmful']} harmful, {s['kept']['benign']} benign); "
         f"safe ratio harmful {ratio['harmful']}, benign {ratio['benign']}",
         *([f"  unfinished benign (KL rows): {s['unfinished_benign']['kept']} kept of "
-           f"{s['unfinished_benign']['judged']} judged, in {UNFINISHED_BENIGN_FILE}"] if "unfinished_benign" in s else []),
+           f"{s['unfinished_benign']['judged']} judged, in {UNFINISHED_BENIGN_FILE}"]
+          if "unfinished_benign" in s else []),
         f"  generation: {gen['prompts']} prompts in {gen['wall_s']} s ({gen['prompts_per_s']} prompts/s, "
         f"{gen['tokens_per_s']} tokens/s), {gen['resumed_prompts']} resumed",
         f"  judging:    {judge['rows']} rows in {judge['wall_s']} s ({judge['rows_per_s']} rows/s, "
@@ -100,7 +101,8 @@ def config_from_args(args) -> SynthConfig:
     prompts = args.prompts or family.synthesis_prompts
     limit = args.limit or (DEBUG_PROMPTS if args.debug else None)
     return SynthConfig(
-        model=model, prompts=prompts, guard=guard, out=Path(args.out) if args.out else synthesized_data_dir(model, guard),
+        model=model, prompts=prompts, guard=guard,
+        out=Path(args.out) if args.out else synthesized_data_dir(model, guard),
         sampling=sampling, guard_style=args.guard_style, limit=limit, max_kept_per_prompt=args.max_kept_per_prompt,
         keep_unfinished_benign=args.keep_unfinished_benign, store_reference_topk=args.store_reference_topk,
         steer_prefix=args.steer_prefix, backend=args.backend,

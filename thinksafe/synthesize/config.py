@@ -141,4 +141,5 @@ class SynthesisArguments:
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.store_reference_topk < 0:
-            raise ConfigError(f"--store-reference-topk must be 0 (none) or a positive integer, got {self.store_reference_topk}")
+            raise ConfigError("--store-reference-topk must be 0 (none) or a positive integer, "
+                              f"got {self.store_reference_topk}")

@@ -14,14 +14,14 @@ from thinksafe.io import swap_in
 from thinksafe.locks import writer_lock
 from thinksafe.models import check_model_source, resolve_device
 from thinksafe.prompts import load_prompts
+from thinksafe.reference_topk import row_key
 from thinksafe.synthesize.completion import steer
 from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
 from thinksafe.synthesize.dataset import assemble
 from thinksafe.synthesize.generate import generation_phase
 from thinksafe.synthesize.judge import judging_phase
-from thinksafe.reference_topk import row_key
-from thinksafe.synthesize.reference import kept_references, read_chunks, write_reference_store
 from thinksafe.synthesize.outdir import move_user_files, prepare_out_dir, refuse_empty_set, write_dataset_set
+from thinksafe.synthesize.reference import kept_references, read_chunks, write_reference_store
 from thinksafe.synthesize.stats import run_stats
 
 

@@ -71,7 +71,8 @@ def place_trainer(config, paths: RunPaths) -> None:
     """Fill what the config cannot know before the run is placed: where it writes and its name (a TRL
     config is a mutable dataclass). The batch split was made from WORLD_SIZE; check it holds."""
     processes = num_processes()
-    if config.per_device_train_batch_size * config.gradient_accumulation_steps * processes != config.effective_batch_size:
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
+    if per_step != config.effective_batch_size:
         raise TrainConfigError(f"the effective batch {config.effective_batch_size} was split for another number "
                                f"of processes than the {processes} running; launch with WORLD_SIZE set")
     config.output_dir, config.run_name = str(paths.checkpoints), paths.name

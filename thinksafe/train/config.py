@@ -112,7 +112,8 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
     """LoRA-SFT on (prompt, safe response) rows; benign rows optionally on forward KL to the base."""
 
     # ThinkSafe's options
-    use_kl: bool = field(default=False, metadata={"help": "benign rows: forward KL(base || model) instead of cross-entropy"})
+    use_kl: bool = field(default=False, metadata={
+        "help": "benign rows: forward KL(base || model) instead of cross-entropy"})
     kl_on_unfinished: bool = field(default=False, metadata={
         "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
     kl_weighting: Literal["row", "token"] = field(default=DEFAULT_KL_WEIGHTING, metadata={
@@ -142,7 +143,8 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
     def __post_init__(self):
         if not self.use_kl:
             # KL options mean nothing without KL
-            self.kl_on_unfinished, self.kl_weighting, self.kl_reference = False, DEFAULT_KL_WEIGHTING, DEFAULT_KL_REFERENCE
+            self.kl_on_unfinished = False
+            self.kl_weighting, self.kl_reference = DEFAULT_KL_WEIGHTING, DEFAULT_KL_REFERENCE
         if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
             raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
         self.check_and_place()

@@ -169,7 +169,8 @@ def to_rows(records: list[dict], name: str, need_labels: bool, unfinished_as_kl:
     columns = set(records[0])
     prompt_col, response_col = _pick(columns, PROMPT_COLUMNS), _pick(columns, RESPONSE_COLUMNS)
     label_col = _pick(columns, LABEL_COLUMNS)
-    missing = [f"{'/'.join(c)}" for c, got in ((PROMPT_COLUMNS, prompt_col), (RESPONSE_COLUMNS, response_col)) if not got]
+    missing = ["/".join(columns) for columns, got in ((PROMPT_COLUMNS, prompt_col), (RESPONSE_COLUMNS, response_col))
+               if not got]
     if need_labels and not label_col:
         missing.append("/".join(LABEL_COLUMNS) + " (needed by --use-kl)")
     if missing:
@@ -306,14 +307,16 @@ def load_reference(source: str) -> tuple[dict, str]:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer by what changes its output: vocabulary, special tokens and chat template."""
     payload = json.dumps(
-        [tokenizer.name_or_path, len(tokenizer), sorted(tokenizer.get_vocab().items())[:: max(1, len(tokenizer) // 997)],
+        [tokenizer.name_or_path, len(tokenizer),
+         sorted(tokenizer.get_vocab().items())[:: max(1, len(tokenizer) // 997)],
          tokenizer.all_special_tokens, tokenizer.chat_template],
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool, reference_sha256: str | None = None) -> str:
+def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool,
+              reference_sha256: str | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([TOKENIZED_VERSION, tokenizer_fingerprint(tokenizer), family_name, use_kl]
                              + ([reference_sha256] if reference_sha256 else [])).encode())
@@ -346,6 +349,7 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
     counted into `dropped` (kept beside the cached copy, so a run that reuses it reports them too).
     """
     import datasets
+
     from thinksafe.train.common import distributed_state
 
     key = cache_key(rows, tokenizer, family.name, use_kl, reference[1] if reference else None)

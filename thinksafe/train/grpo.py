@@ -19,11 +19,21 @@ import time
 from dataclasses import dataclass
 
 from thinksafe.console import say
+from thinksafe.locks import writer_lock
 from thinksafe.progress import trainer_progress_callback
 from thinksafe.recipes import parse_training
-from thinksafe.locks import writer_lock
-from thinksafe.train.config import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
 from thinksafe.registry import ModelSpec, grpo_run_name, paths_for_name, resolve_model
+from thinksafe.train.common import (
+    TrainConfigError,
+    distributed_state,
+    finish_run,
+    place_trainer,
+    prepare_run_dir,
+    resume_checkpoint,
+    summary_metrics,
+    umask_modes_callback,
+)
+from thinksafe.train.config import GRPOArguments, ThinkSafeGRPOConfig, ThinkSafeModelConfig
 from thinksafe.train.grpo_data import (  # noqa: F401  (public here: tests and docs import them from grpo)
     capped_completion_length,
     load_prompts,
@@ -37,16 +47,6 @@ from thinksafe.train.grpo_launch import (  # noqa: F401
     check_server_guard,
     launch_plan,
     print_plan,
-)
-from thinksafe.train.common import (
-    TrainConfigError,
-    distributed_state,
-    finish_run,
-    place_trainer,
-    prepare_run_dir,
-    resume_checkpoint,
-    summary_metrics,
-    umask_modes_callback,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(spec.source, device="cpu", dtype=model_cfg.dtype or default_dtype(device))
         trainer = GRPOTrainer(
             model=model.train(),
-            reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],  # equal weights (paper)
+            # equal weights (paper)
+            reward_funcs=[GuardReward(guard, spec.family, opened), FormatReward(spec.family, opened)],
             args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
             callbacks=[umask_modes_callback(), trainer_progress_callback()],
         )

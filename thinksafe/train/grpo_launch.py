@@ -29,8 +29,8 @@ def parse_gpu_ids(value: str) -> list[str]:
 
 def launch_plan(run, gpu_ids: str) -> dict:
     """Everything scripts/grpo.sh needs, validated: mode, GPU split, ports, server settings."""
-    from thinksafe.recipes import CONFIG_DIR
     from thinksafe.guards import GUARDS
+    from thinksafe.recipes import CONFIG_DIR
     from thinksafe.serving import free_ports
     from thinksafe.train.data import dataset_source
 

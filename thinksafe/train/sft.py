@@ -13,10 +13,9 @@ import os
 import time
 
 from thinksafe.console import say
+from thinksafe.locks import writer_lock
 from thinksafe.progress import trainer_progress_callback
 from thinksafe.recipes import parse_training
-from thinksafe.locks import writer_lock
-from thinksafe.train.config import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
 from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, run_paths
 from thinksafe.train.common import (
     TrainConfigError,
@@ -29,6 +28,7 @@ from thinksafe.train.common import (
     summary_metrics,
     umask_modes_callback,
 )
+from thinksafe.train.config import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ PROG = "thinksafe train"
 # checkpointing only change how it is computed, so a resume on other hardware may change them.
 CONTENT_SETTINGS = {
     "model": ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "num_train_epochs", "max_steps",
+    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "num_train_epochs",
+            "max_steps",
             "learning_rate", "effective_batch_size", "max_length", "warmup_steps", "lr_scheduler_type",
             "max_grad_norm", "seed"),
 }
@@ -55,7 +56,8 @@ def run_config(model_cfg: ThinkSafeModelConfig, run: RunArguments, sft: ThinkSaf
     spec = resolve_model(model_cfg.model_name_or_path, model_cfg.size, model_type=model_cfg.model_type)
     return RunConfig(model=spec, dataset=run.dataset, prompt_masking=sft.completion_only_loss, rank=model_cfg.lora_r,
                      use_kl=sft.use_kl, epochs=int(sft.num_train_epochs), kl_on_unfinished=sft.kl_on_unfinished,
-                     kl_weighting=sft.kl_weighting, kl_reference=sft.kl_reference, max_steps=sft.max_steps if sft.max_steps > 0 else None)
+                     kl_weighting=sft.kl_weighting, kl_reference=sft.kl_reference,
+                     max_steps=sft.max_steps if sft.max_steps > 0 else None)
 
 
 def content_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -> dict:
