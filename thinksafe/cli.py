@@ -91,8 +91,8 @@ def engine_death(err: BaseException) -> int:
     """The vLLM engine process died (killed, out of memory): one line; what was generated is logged."""
     from thinksafe.console import say
 
-    say(f"error: the vLLM engine process died ({type(err).__name__}); what was generated is kept: rerun the "
-        "same command to resume", error=True)
+    say("error: the vLLM engine process died; what was generated is kept: rerun the same command to resume",
+        error=True)
     return 1
 
 

