@@ -91,6 +91,20 @@ def finish(argv: list[str], root: Path, mark: str, timeout: float = 240) -> subp
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+def in_process(argv: list[str], root: Path) -> None:
+    """An uninterrupted reference run, in this process (a subprocess's start costs ~8 s of imports here),
+    with the environment the killed runs get: the same seeds, one thread, so the same samples."""
+    from thinksafe.cli import main
+
+    saved = dict(os.environ)
+    os.environ.update(env_for(root, "reference"))
+    try:
+        assert main(argv) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def count_lines(paths: list[Path]) -> int:
     return sum(len(p.read_text().splitlines()) for p in paths if p.exists())
 
@@ -173,10 +187,17 @@ def synth_argv(tiny: Path, prompt_file: Path, out: Path) -> list[str]:
             "--seed", "7"]
 
 
-def test_synthesis_killed_at_random_points_resumes_to_the_same_data(tiny, tmp_path, rng):
-    prompt_file = prompts(tmp_path / "prompts.jsonl", 24)
-    reference = tmp_path / "reference"
-    finish(synth_argv(tiny, prompt_file, reference / "data"), reference, uuid.uuid4().hex)
+@pytest.fixture(scope="module")
+def synth_reference(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    """(prompts file, the uninterrupted run's data dir), shared by the synthesis tests."""
+    base = tmp_path_factory.mktemp("synth-reference")
+    prompt_file = prompts(base / "prompts.jsonl", 24)
+    in_process(synth_argv(tiny, prompt_file, base / "data"), base)
+    return prompt_file, base / "data"
+
+
+def test_synthesis_killed_at_random_points_resumes_to_the_same_data(tiny, tmp_path, rng, synth_reference):
+    prompt_file, reference_data = synth_reference
     root = tmp_path / "killed"
     out = root / "data"
     kill_and_rerun(synth_argv(tiny, prompt_file, out), root, [out / "generations.partial.jsonl"], rng, most=8)
@@ -184,9 +205,9 @@ def test_synthesis_killed_at_random_points_resumes_to_the_same_data(tiny, tmp_pa
         assert (out / name).exists(), name
     generated = assert_unique_keys(out / "generations.partial.jsonl", lambda r: r["key"])
     assert generated == 24 * 2
-    assert (out / "train.jsonl").read_text() == (reference / "data" / "train.jsonl").read_text()
+    assert (out / "train.jsonl").read_text() == (reference_data / "train.jsonl").read_text()
     by_key = {json.loads(line)["key"]: json.loads(line)["response"]
-              for line in (reference / "data" / "generations.partial.jsonl").read_text().splitlines()}
+              for line in (reference_data / "generations.partial.jsonl").read_text().splitlines()}
     resumed = {json.loads(line)["key"]: json.loads(line)["response"]
                for line in (out / "generations.partial.jsonl").read_text().splitlines()}
     assert resumed == by_key
@@ -219,7 +240,7 @@ def test_training_killed_at_random_points_resumes_to_the_same_adapter(tiny, tmp_
     dataset.parent.mkdir()
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference = tmp_path / "reference"
-    finish(train_argv(tiny, dataset), reference, uuid.uuid4().hex)
+    in_process(train_argv(tiny, dataset), reference)
     (ref_run,) = [p for p in (reference / "runs").iterdir() if p.is_dir()]
     root = tmp_path / "killed"
     # progress: the checkpoints (one per step) written so far, as lines of a listing
@@ -264,7 +285,7 @@ def comparable(metrics: dict) -> dict:
 
 def test_evaluation_killed_at_random_points_resumes_to_the_same_results(tiny, tmp_path, rng):
     reference = tmp_path / "reference"
-    finish(eval_argv(tiny), reference, uuid.uuid4().hex)
+    in_process(eval_argv(tiny), reference)
     ref_task = reference / "results" / "faults" / "xstest"
     root = tmp_path / "killed"
     task = root / "results" / "faults" / "xstest"
@@ -280,13 +301,11 @@ def test_evaluation_killed_at_random_points_resumes_to_the_same_results(tiny, tm
 # --- two commands on one directory -------------------------------------------------------------
 
 
-def test_two_synthesis_commands_on_one_out_one_refused_the_other_unaffected(tiny, tmp_path):
+def test_two_synthesis_commands_on_one_out_one_refused_the_other_unaffected(tiny, tmp_path, synth_reference):
     """Both started at once, as two train_and_eval.sh were: whichever takes --out first runs, the
     other stops at once naming it; the set equals an uninterrupted run's, every sample once (the two
     used to log every sample twice into one generations.partial.jsonl)."""
-    prompt_file = prompts(tmp_path / "prompts.jsonl", 24)
-    reference = tmp_path / "reference"
-    finish(synth_argv(tiny, prompt_file, reference / "data"), reference, uuid.uuid4().hex)
+    prompt_file, reference_data = synth_reference
     root = tmp_path / "both"
     out = root / "data"
     marks = [uuid.uuid4().hex, uuid.uuid4().hex]
@@ -301,7 +320,7 @@ def test_two_synthesis_commands_on_one_out_one_refused_the_other_unaffected(tiny
     for mark in marks:
         assert_none_left(mark)
     COUNTS["refused"] += 1
-    assert (out / "train.jsonl").read_text() == (reference / "data" / "train.jsonl").read_text()
+    assert (out / "train.jsonl").read_text() == (reference_data / "train.jsonl").read_text()
     generated = assert_unique_keys(out / "generations.partial.jsonl", lambda r: r["key"])
     assert generated == 24 * 2
     COUNTS["rows_checked"] += generated
