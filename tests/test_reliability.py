@@ -109,7 +109,7 @@ def test_1_a_second_pipeline_on_the_same_run_is_refused(output_root, capsys, mon
 
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("a stage ran"))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
-    holder = hold_lock(Path(plan["path_run_dir"]))
+    holder = hold_lock(plan.paths.run_dir)
     try:
         code, _, err = run_cli(capsys, "pipeline", "cpu", "demo")
     finally:
