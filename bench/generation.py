@@ -8,7 +8,7 @@ Part 1 (`backends`): the demo model (SmolLM2-135M-Instruct) answers the demo's c
 `--max-new-tokens` each, through thinksafe's own generators (HFGenerator, VLLMGenerator): start-up
 (model load / engine init) and generation are timed apart, tokens counted by the generators.
 Part 2 (`threads`, CPU only): transformers generation with 1 thread and with all cores while
-`--busy` processes spin on the CPU, to choose the thread policy (thinksafe.models.cpu_threads).
+`--busy` processes spin on the CPU, to choose the thread policy (thinksafe.model_loading.cpu_threads).
 Run with the machine otherwise idle; the load average at the start is recorded.
 """
 
@@ -37,7 +37,7 @@ def timed_generation(generator, prompts, sampling) -> dict:
 
 def run_backend(name: str, dtype: str, prompts, samplings: dict) -> list[dict]:
     """One model load / engine start, then each sampling in turn (start-up counted once, in the first row)."""
-    from thinksafe.generation import HFGenerator, VLLMGenerator
+    from thinksafe.engines import HFGenerator, VLLMGenerator
     from thinksafe.registry import FAMILIES
 
     start = time.perf_counter()
@@ -46,7 +46,7 @@ def run_backend(name: str, dtype: str, prompts, samplings: dict) -> list[dict]:
     else:
         import torch
 
-        from thinksafe.models import load_model
+        from thinksafe.model_loading import load_model
 
         model = load_model("demo", device="cpu", dtype=getattr(torch, dtype))
         generator = HFGenerator("demo", FAMILIES["demo"], model=model, batch_size=len(prompts))
@@ -68,8 +68,8 @@ def spin(stop_at: float) -> None:
 def run_threads(prompts, sampling, busy: int) -> list[dict]:
     import torch
 
-    from thinksafe.generation import HFGenerator
-    from thinksafe.models import load_model
+    from thinksafe.engines import HFGenerator
+    from thinksafe.model_loading import load_model
     from thinksafe.registry import FAMILIES
 
     generator = HFGenerator("demo", FAMILIES["demo"], model=load_model("demo", device="cpu"), batch_size=16)

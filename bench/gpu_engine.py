@@ -44,8 +44,8 @@ def prompts(count: int) -> list[str]:
 
 
 def throughput(model_dir: str, n_prompts: int, n: int, max_tokens: int, hf_prompts: int) -> dict:
-    from thinksafe.generation import HFGenerator, VLLMGenerator
-    from thinksafe.models import free_accelerator_memory
+    from thinksafe.engines import HFGenerator, VLLMGenerator
+    from thinksafe.model_loading import free_accelerator_memory
     from thinksafe.registry import FAMILIES
 
     family = FAMILIES["qwen"]
@@ -82,9 +82,9 @@ def lora_vs_merged(model_dir: str, work: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from thinksafe.generation import HFGenerator, VLLMGenerator
+    from thinksafe.engines import HFGenerator, VLLMGenerator
     from thinksafe.merge import merge_adapter
-    from thinksafe.models import free_accelerator_memory, load_model
+    from thinksafe.model_loading import free_accelerator_memory, load_model
     from thinksafe.registry import FAMILIES
 
     family = FAMILIES["qwen"]
@@ -111,9 +111,9 @@ def lora_vs_merged(model_dir: str, work: Path) -> dict:
 
 
 def guard_after_policy(model_dir: str) -> dict:
-    from thinksafe.generation import VLLMGenerator
+    from thinksafe.engines import VLLMGenerator
     from thinksafe.guards import load_guard
-    from thinksafe.models import free_accelerator_memory
+    from thinksafe.model_loading import free_accelerator_memory
     from thinksafe.registry import FAMILIES
 
     before = free_gib()

@@ -49,7 +49,7 @@ class Fidelity:
 def demo_samples(model_dir, k: int, prompts=PROMPTS, max_new_tokens: int = 40):
     """(generator, [(training input ids, completion start, Completion with .reference)]) of benign samples."""
     from thinksafe.chat import encode_for_training
-    from thinksafe.generation import HFGenerator
+    from thinksafe.engines import HFGenerator
     from thinksafe.registry import FAMILIES
 
     family = FAMILIES["demo"]
@@ -126,7 +126,7 @@ def fidelity(model, samples, ks=KS) -> list[Fidelity]:
 
 
 def main(argv=None) -> int:
-    from thinksafe.models import ensure_demo_model
+    from thinksafe.model_loading import ensure_demo_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))

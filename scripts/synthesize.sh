@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: ./scripts/synthesize.sh [devices] [model_type] [size] [guard]
 #   Self-generate this model's ThinkSafe data into outputs/data/<model>_<guard>/ (train.jsonl, stats.json).
-#   guard: a name in thinksafe/guards/registry.py, e.g. llama-guard-3, wildguard, refusal-judge (default: the family's).
+#   guard: a name in thinksafe/guards/specs.py, e.g. llama-guard-3, wildguard, refusal-judge (default: the family's).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 

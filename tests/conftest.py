@@ -76,7 +76,7 @@ def r1_real_models(tmp_path_factory, r1_tokenizers) -> dict:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from thinksafe.models import ensure_demo_model
+    from thinksafe.model_loading import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -86,3 +86,12 @@ def output_root(tmp_path, monkeypatch) -> Path:
     """Point every registry path (data/, runs/, results/) at a temp dir."""
     monkeypatch.setenv("THINKSAFE_OUTPUT_DIR", str(tmp_path / "outputs"))
     return tmp_path / "outputs"
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """The stage must stop before it loads a model: loading one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("thinksafe.model_loading.load_model", refuse)

@@ -11,79 +11,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import (  # noqa: F401  (shared with test_reliability.py)
+    EVAL_OPTIONS,
+    FAST_EVAL,
+    FAST_TRAIN,
+    INTERRUPTED,
+    ROOT,
+    one_line_error,
+    run_cli,
+    run_script,
+    train_paths,
+    train_rows,
+    write_rows,
+)
 
 from thinksafe.cli import main as cli
 from thinksafe.registry import RunConfig, resolve_model, run_paths
-
-ROOT = Path(__file__).resolve().parent.parent
-INTERRUPTED = "interrupted; rerun the same command to resume"  # thinksafe.cli.INTERRUPTED, the contract
-FAST_TRAIN = ["--rank", "4", "--epochs", "1", "--effective-batch-size", "2", "--per-device-batch-size", "2",
-              "--learning-rate", "1e-2", "--warmup-ratio", "0", "--max-length", "128", "--report-to", "none",
-              "--device", "cpu"]
-EVAL_OPTIONS = ["--tasks", "xstest", "--data", "bundled", "--refusal-guard", "refusal-judge", "--backend",
-                "transformers", "--n", "1", "--max-new-tokens", "4", "--report-to", "none"]
-FAST_EVAL = [*EVAL_OPTIONS, "--device", "cpu"]
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-def one_line_error(code: int, stderr: str, *needles: str) -> str:
-    """Assert exit 2 and a single `error:` line containing every needle; return the line."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli(list(argv))
-    except KeyboardInterrupt:  # pytest would take it as the user's Ctrl-C and stop the session
-        pytest.fail("KeyboardInterrupt escaped the CLI")
-    out, err = capsys.readouterr()
-    # keep only our own lines: libraries may log warnings to stderr
-    err = "\n".join(line for line in err.splitlines() if line.startswith("error:") or line == INTERRUPTED)
-    return code, out, err
-
-
-def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          env=full_env, timeout=120, cwd=ROOT)
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """The stage must stop before it loads a model: loading one fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr("thinksafe.models.load_model", refuse)
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def train_rows(n: int = 4, tag: str = "") -> list[dict]:
-    """Alternating harmful (refused) and benign (answered) rows."""
-    return [{"instruction": f"question {i}{tag}", "response": f"answer {i}{tag}",
-             "prompt_label": "vanilla_benign" if i % 2 else "vanilla_harmful", "response_label": "safe"}
-            for i in range(n)]
-
-
-def train_paths(model_dir: Path, dataset: Path):
-    spec = resolve_model(str(model_dir))
-    return run_paths(RunConfig(model=spec, dataset=str(dataset), rank=4, epochs=1))
 
 
 def fake_finished_run(paths) -> Path:

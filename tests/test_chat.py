@@ -9,7 +9,7 @@ from thinksafe.chat import (
     split_think,
     training_texts,
 )
-from thinksafe.models import load_tokenizer
+from thinksafe.model_loading import load_tokenizer
 from thinksafe.registry import FAMILIES
 
 QWEN, R1, DEMO = FAMILIES["qwen"], FAMILIES["r1-distill"], FAMILIES["demo"]

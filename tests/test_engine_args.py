@@ -1,10 +1,10 @@
-"""The vLLM engine arguments chosen per device (thinksafe.generation.vllm_engine_args)."""
+"""The vLLM engine arguments chosen per device (thinksafe.engines.vllm_engine_args)."""
 
 import os
 
 import torch
 
-from thinksafe.generation import vllm_engine_args
+from thinksafe.engines import vllm_engine_args
 
 
 def test_gpu_engines_start_their_core_with_spawn(monkeypatch):

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 from helpers import evaluate_tiny, write_fixture_data, write_run_record
 
+from thinksafe.engines import Completion
 from thinksafe.errors import ThinksafeError
-from thinksafe.evaluate import generate as gen
+from thinksafe.evaluate import responses as gen
 from thinksafe.evaluate import run as ev
 from thinksafe.evaluate import skythought
+from thinksafe.evaluate.eval_model import resolve_eval_model
 from thinksafe.evaluate.jobs import Job
 from thinksafe.evaluate.metrics import mean_pass_at_1, wilson_interval
-from thinksafe.evaluate.models import resolve_eval_model
 from thinksafe.evaluate.reasoning import answers_equal, check_answer, extract_answer, extract_choice, normalize_answer
 from thinksafe.evaluate.safety import harmful_rate, refusal_rate, safety_metrics, xstest_rates
 from thinksafe.evaluate.score import reasoning_metrics, score_reasoning
 from thinksafe.evaluate.tasks import EvalItem, expand_tasks, get_task, list_tasks, load_items, select_evenly
-from thinksafe.generation import Completion
 from thinksafe.guards import Verdict
 from thinksafe.io import read_jsonl
 from thinksafe.registry import FAMILIES, Sampling
@@ -632,7 +632,7 @@ def recompute(task_dir: Path) -> tuple[float, int]:
 
 def test_evaluate_writes_registry_results(tiny_qwen3, output_root, tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr("thinksafe.tracking.log_metrics", lambda name, metrics, **kw: logged.append((name, metrics)))
+    monkeypatch.setattr("thinksafe.evaluate.score.log_metrics", lambda name, metrics, **kw: logged.append((name, metrics)))
     data = write_fixture_data(tmp_path / "data")
     assert evaluate_tiny(tiny_qwen3, "tiny_base", data) == 0
     for task in data:
@@ -701,7 +701,7 @@ def test_half_finished_task_resumes_through_the_cli(tiny_qwen3, output_root, tmp
 def test_adapter_is_merged_once_for_transformers(tiny_qwen3, output_root, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from thinksafe.models import load_model
+    from thinksafe.model_loading import load_model
 
     adapter = output_root / "runs" / "tiny_lora" / "adapter"
     write_run_record(adapter.parent, run_name="tiny_lora", family="qwen")

@@ -108,7 +108,7 @@ def test_trl_tokenises_grpo_prompts_with_one_bos_under_the_real_r1_tokenizer(r1_
 
 def test_trl_turns_thinking_on_for_qwen3(tiny_qwen3):
     from thinksafe.chat import generation_prompt_ids
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_qwen3))
     (ids,) = trl_prompt_ids(tokenizer, FAMILIES["qwen"], ["hi"])
@@ -118,7 +118,7 @@ def test_trl_turns_thinking_on_for_qwen3(tiny_qwen3):
 
 def test_prompt_dataset_drops_prompts_over_the_limit(tiny_qwen3):
     from thinksafe.chat import generation_prompt_ids
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.train.grpo import prompt_dataset, trainer_prompt
 
     tokenizer = load_tokenizer(str(tiny_qwen3))
@@ -137,7 +137,7 @@ def test_prompt_dataset_never_hashes_its_rows_with_dill(tiny_qwen3, monkeypatch)
     MonthDayNano cannot be pickled); the prompt dataset carries our own content fingerprint instead."""
     import datasets.fingerprint
 
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.train.grpo import prompt_dataset
 
     def dill_fails(*args, **kwargs):

@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from test_faults import processes_with
 from tiny_models import build_tiny_model
 
@@ -53,7 +52,7 @@ class Run:
                 return
             assert self.proc.poll() is None, "\n".join(self.lines[-60:])
             time.sleep(0.1)
-        pytest.fail(f"timed out; last lines:\n" + "\n".join(self.lines[-60:]))
+        pytest.fail("timed out; last lines:\n" + "\n".join(self.lines[-60:]))
 
     def ended_within(self, seconds: float) -> float:
         """Seconds from now until the command and every process of its run are gone."""
@@ -131,7 +130,7 @@ def vllm_synthesis(model: Path, tmp_path: Path, prompts: int, max_new_tokens: in
     return argv, env
 
 
-ENGINE_READY = "vLLM engine started in"  # thinksafe.generation logs it once the engine is up
+ENGINE_READY = "vLLM engine started in"  # thinksafe.engines logs it once the engine is up
 
 
 def test_ctrl_c_while_the_vllm_engine_starts_ends_within_seconds(vllm_tiny, tmp_path, run_cleanup):

@@ -17,7 +17,7 @@ def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, ba
     """A KLSFTTrainer on a tiny model with non-zero LoRA weights (so model != base)."""
     from trl import SFTConfig
 
-    from thinksafe.models import load_model, load_tokenizer
+    from thinksafe.model_loading import load_model, load_tokenizer
     from thinksafe.registry import resolve_model
     from thinksafe.train.common import lora_config
     from thinksafe.train.data import build_train_dataset, make_collator, read_records, to_rows
@@ -211,7 +211,7 @@ def test_label_positions_are_exactly_the_prompt(family, fixture, use_kl, masking
 
 
 def test_adapter_disabled_gives_base_logits(tiny_qwen3, tmp_path):
-    from thinksafe.models import load_model
+    from thinksafe.model_loading import load_model
 
     trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen")
     batch = first_batch(trainer)

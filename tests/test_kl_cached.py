@@ -298,7 +298,7 @@ def test_a_kl_row_trains_on_the_ids_the_base_generated_when_its_text_re_tokenise
     """A sampled model may write a text in a segmentation the tokenizer would not choose, and the
     synthesis strips trailing whitespace: the row then trains on the generated ids (where its stored
     top-k belong), as long as they spell the same text; stored ids of another text drop the row."""
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import FAMILIES
     from thinksafe.train.data import GENERATED_IDS, REFERENCE_START_COLUMN, TrainRow, tokenize_rows
 

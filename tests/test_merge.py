@@ -10,7 +10,7 @@ from thinksafe.registry import paths_for_name
 def saved_adapter(model_dir, run_dir, b_std: float = 0.3):
     from peft import get_peft_model
 
-    from thinksafe.models import load_model, load_tokenizer
+    from thinksafe.model_loading import load_model, load_tokenizer
     from thinksafe.train.common import lora_config
 
     model = get_peft_model(load_model(str(model_dir), device="cpu", dtype=torch.float32), lora_config(4, None, 0.0))
@@ -26,7 +26,7 @@ def saved_adapter(model_dir, run_dir, b_std: float = 0.3):
 
 def test_merged_logits_equal_base_plus_adapter(tiny_qwen3, tmp_path):
     from thinksafe.merge import main
-    from thinksafe.models import load_model, load_tokenizer
+    from thinksafe.model_loading import load_model, load_tokenizer
 
     paths = paths_for_name("tiny_run", root=tmp_path)
     peft_model = saved_adapter(tiny_qwen3, paths.run_dir)

@@ -2,7 +2,7 @@
 
 import io
 
-from thinksafe.generation import HFGenerator
+from thinksafe.engines import HFGenerator
 from thinksafe.progress import Progress, format_seconds
 from thinksafe.registry import FAMILIES
 
@@ -39,22 +39,22 @@ def test_transformers_generation_reports_every_sample_batch_by_batch(tiny_qwen3)
 
 
 def test_cpu_threads_leave_the_cores_other_processes_run_on(monkeypatch):
-    from thinksafe import models
+    from thinksafe import model_loading
 
-    monkeypatch.delenv(models.THREADS_ENV, raising=False)
-    monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(models, "runnable_processes", lambda: 1)  # only this process
-    assert models.cpu_threads() == 4
-    monkeypatch.setattr(models, "runnable_processes", lambda: 3)  # two others running
-    assert models.cpu_threads() == 2
-    monkeypatch.setattr(models, "runnable_processes", lambda: 9)
-    assert models.cpu_threads() == 1
-    monkeypatch.setenv(models.THREADS_ENV, "3")
-    assert models.cpu_threads() == 3
+    monkeypatch.delenv(model_loading.THREADS_ENV, raising=False)
+    monkeypatch.setattr(model_loading.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(model_loading, "runnable_processes", lambda: 1)  # only this process
+    assert model_loading.cpu_threads() == 4
+    monkeypatch.setattr(model_loading, "runnable_processes", lambda: 3)  # two others running
+    assert model_loading.cpu_threads() == 2
+    monkeypatch.setattr(model_loading, "runnable_processes", lambda: 9)
+    assert model_loading.cpu_threads() == 1
+    monkeypatch.setenv(model_loading.THREADS_ENV, "3")
+    assert model_loading.cpu_threads() == 3
 
 
 def test_run_queue_is_read_from_proc():
-    from thinksafe.models import runnable_processes
+    from thinksafe.model_loading import runnable_processes
 
     assert runnable_processes(samples=3, interval_s=0.0) >= 1  # this process is running while it reads
 
@@ -66,7 +66,7 @@ def test_this_process_threads_count_once_in_the_run_queue(monkeypatch):
 
     import torch
 
-    from thinksafe import models
+    from thinksafe import model_loading
 
     stop = threading.Event()
 
@@ -80,26 +80,26 @@ def test_this_process_threads_count_once_in_the_run_queue(monkeypatch):
     worker = threading.Thread(target=busy)
     worker.start()
     try:
-        seen = max(models._running_threads_of_this_process() for _ in range(50))
+        seen = max(model_loading._running_threads_of_this_process() for _ in range(50))
     finally:
         stop.set()
         worker.join()
         torch.set_num_threads(threads)
     assert seen >= 2  # the reading thread and at least one torch thread
-    monkeypatch.setattr(models, "_running_tasks_of_the_machine", lambda: 5)
-    monkeypatch.setattr(models, "_running_threads_of_this_process", lambda: 3)
-    assert models.runnable_processes(samples=3, interval_s=0.0) == 3  # 5 running, 3 of them ours: 2 others + us
+    monkeypatch.setattr(model_loading, "_running_tasks_of_the_machine", lambda: 5)
+    monkeypatch.setattr(model_loading, "_running_threads_of_this_process", lambda: 3)
+    assert model_loading.runnable_processes(samples=3, interval_s=0.0) == 3  # 5 running, 3 of them ours: 2 others + us
 
 
 def test_threads_are_re_read_at_most_every_so_often(monkeypatch):
-    from thinksafe import models
+    from thinksafe import model_loading
 
     reads = []
-    monkeypatch.delenv(models.THREADS_ENV, raising=False)
-    monkeypatch.setattr(models, "cpu_threads", lambda: reads.append(1) or 1)
-    monkeypatch.setitem(models._last_thread_check, "at", float("-inf"))
-    models.use_idle_cpu_threads()
-    models.use_idle_cpu_threads(every_s=60)  # within a minute of the last read: no read
+    monkeypatch.delenv(model_loading.THREADS_ENV, raising=False)
+    monkeypatch.setattr(model_loading, "cpu_threads", lambda: reads.append(1) or 1)
+    monkeypatch.setitem(model_loading._last_thread_check, "at", float("-inf"))
+    model_loading.use_idle_cpu_threads()
+    model_loading.use_idle_cpu_threads(every_s=60)  # within a minute of the last read: no read
     assert len(reads) == 1
-    models.use_idle_cpu_threads()  # a new phase reads again
+    model_loading.use_idle_cpu_threads()  # a new phase reads again
     assert len(reads) == 2

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import (
+from helpers import (
     FAST_EVAL,
     FAST_TRAIN,
     ROOT,
-    no_model_load,  # noqa: F401  (a fixture)
     one_line_error,
     run_cli,
+    train_paths,
     train_rows,
     write_rows,
 )
@@ -59,7 +59,6 @@ def stop(proc: subprocess.Popen) -> None:
 
 def test_1_a_second_train_on_a_held_run_is_refused_naming_the_holder(tiny_qwen3, tmp_path, output_root, capsys,
                                                                        no_model_load):
-    from test_bad_inputs import train_paths
 
     dataset = write_rows(tmp_path / "t.jsonl", train_rows())
     run_dir = train_paths(tiny_qwen3, dataset).run_dir
@@ -148,7 +147,6 @@ def test_1_the_pipelines_stages_write_under_its_lock(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_3_weights_follow_the_umask(umask, tiny_qwen3, tmp_path, output_root, capsys):
-    from test_bad_inputs import train_paths
 
     dataset = write_rows(tmp_path / "t.jsonl", train_rows())
     previous = os.umask(umask)
@@ -172,9 +170,9 @@ def test_3_weights_follow_the_umask(umask, tiny_qwen3, tmp_path, output_root, ca
 
 def test_4_a_budget_over_the_context_is_one_line_before_the_engine(tiny_qwen3, tmp_path, output_root, capsys,
                                                                    monkeypatch, no_model_load):
-    import thinksafe.generation as generation
+    import thinksafe.engines as engines
 
-    monkeypatch.setattr(generation, "VLLMGenerator", lambda *a, **k: pytest.fail("the engine started"))
+    monkeypatch.setattr(engines, "VLLMGenerator", lambda *a, **k: pytest.fail("the engine started"))
     prompts = prompts_file(tmp_path / "p.jsonl")
     args = [a for a in SYNTH if a not in ("transformers",)]
     args[args.index("--backend") + 1:args.index("--backend") + 1] = ["vllm"]

@@ -205,7 +205,7 @@ class FakeVLLM:
 
 @pytest.fixture(scope="module")
 def guard_tokenizer(tiny_qwen3):
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
 
     return load_tokenizer(str(tiny_qwen3))
 

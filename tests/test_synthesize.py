@@ -10,8 +10,8 @@ import pytest
 
 from thinksafe import cli
 from thinksafe.chat import opened_think
+from thinksafe.engines import Completion, Generator, HFGenerator
 from thinksafe.errors import ThinksafeError
-from thinksafe.generation import Completion, Generator, HFGenerator
 from thinksafe.guards import Guard, Verdict, is_refusal, keep_rule, load_guard
 from thinksafe.io import read_jsonl
 from thinksafe.registry import FAMILIES, ModelSpec, synthesized_data_dir
@@ -487,7 +487,7 @@ def test_synthesis_chunks_on_vllm_follow_the_device(monkeypatch):
     import torch
 
     from thinksafe.synthesize.config import SynthConfig
-    from thinksafe.synthesize.generate import VLLM_CHUNK_PROMPTS, VLLM_CPU_CHUNK_PROMPTS, generation_chunk_size
+    from thinksafe.synthesize.self_generate import VLLM_CHUNK_PROMPTS, VLLM_CPU_CHUNK_PROMPTS, generation_chunk_size
 
     cfg = SynthConfig.__new__(SynthConfig)
     cfg.chunk_size = None

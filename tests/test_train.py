@@ -132,7 +132,7 @@ def test_self_generated_dataset_resolves_to_synthesized_file(tiny_qwen3, output_
 
 
 def test_tokenised_dataset_is_cached(tiny_qwen3, tmp_path):
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import FAMILIES
     from thinksafe.train.data import build_train_dataset, to_rows
 
@@ -169,7 +169,7 @@ UNFINISHED_RECORDS = [
 
 
 def test_unfinished_rows_are_kl_rows_only(tiny_qwen3):
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import FAMILIES
     from thinksafe.train.data import to_rows, tokenize_rows
 
@@ -194,7 +194,7 @@ def test_unfinished_rows_are_kl_rows_only(tiny_qwen3):
 
 def test_kl_on_unfinished_reads_the_synthesized_side_file(tiny_qwen3, output_root, tmp_path):
     from thinksafe.io import atomic_write_jsonl as write_jsonl
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import resolve_model, synthesized_data_dir
     from thinksafe.train.data import DatasetError, load_train_dataset
 
@@ -240,7 +240,7 @@ def test_unclosed_think_rows_are_dropped_and_counted(tiny_qwen3, tmp_path, use_k
     The cut benign row (KL only) is the exception: it keeps its open block and gets no end-of-turn.
     """
     from thinksafe.io import atomic_write_jsonl as write_jsonl
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import resolve_model
     from thinksafe.train.data import load_train_dataset
 
@@ -255,7 +255,7 @@ def test_unclosed_think_rows_are_dropped_and_counted(tiny_qwen3, tmp_path, use_k
 
 def test_direct_refusal_rows_are_parsed_as_the_paper_does(tiny_qwen3):
     """TianshengHuang/DirectRefusal: a `refusal` column of 'Question: ... Answer: ...', a fixed think block."""
-    from thinksafe.models import load_tokenizer
+    from thinksafe.model_loading import load_tokenizer
     from thinksafe.registry import FAMILIES
     from thinksafe.train.data import DatasetError, to_rows, tokenize_rows
 

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from thinksafe.chat import generation_prompt, generation_prompt_ids  # noqa: E402
-from thinksafe.generation import HFGenerator, VLLMGenerator, pick_backend  # noqa: E402
+from thinksafe.engines import HFGenerator, VLLMGenerator, pick_backend  # noqa: E402
 from thinksafe.registry import FAMILIES  # noqa: E402
 
 pytestmark = pytest.mark.demo
@@ -156,7 +156,7 @@ def test_adapter_through_lora_request_answers_as_the_merged_model(demo_vllm, dem
     from peft import LoraConfig, get_peft_model
 
     from thinksafe.merge import merge_adapter
-    from thinksafe.models import load_model
+    from thinksafe.model_loading import load_model
 
     torch.manual_seed(0)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -195,7 +195,7 @@ def test_r1_prompts_reach_vllm_with_one_bos_and_the_opened_think_is_kept(r1_vllm
 
 
 def test_auto_on_cpu_picks_per_job_what_measured_faster_and_says_why():
-    from thinksafe.generation import CPU_VLLM_MIN_WORK_TOKENS, GUARD
+    from thinksafe.engines import CPU_VLLM_MIN_WORK_TOKENS, GUARD
 
     large = CPU_VLLM_MIN_WORK_TOKENS
     choices = {"small": pick_backend("auto", large - 1), "large": pick_backend("auto", large),
@@ -290,11 +290,11 @@ def test_the_jobs_sampling_seed_seeds_the_vllm_engine(demo_model, monkeypatch):
     and evaluation give the engine their sampling seed, so another seed draws other samples."""
     import vllm
 
-    from thinksafe.evaluate.models import make_policy_generator, resolve_eval_model
+    from thinksafe.evaluate.eval_model import make_policy_generator, resolve_eval_model
     from thinksafe.evaluate.run import parse_args as parse_eval
     from thinksafe.synthesize import config_from_args
     from thinksafe.synthesize import parse_args as parse_synth
-    from thinksafe.synthesize.generate import make_default_generator
+    from thinksafe.synthesize.self_generate import make_default_generator
 
     engines = []
 

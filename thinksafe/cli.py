@@ -12,6 +12,9 @@ import logging
 import os
 import sys
 
+from thinksafe.console import attach_from_env, say
+from thinksafe.errors import ThinksafeError
+
 # stage -> (module, one-line description), in pipeline order.
 STAGES: dict[str, tuple[str, str]] = {
     "plan": ("thinksafe.plan", "validate the scripts' arguments; print the run name and every output path"),
@@ -22,7 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "report": ("thinksafe.report", "table and plot across runs"),
     "grpo": ("thinksafe.train.grpo", "GRPO baseline with guard and format rewards"),
     "pipeline": ("thinksafe.pipeline", "synthesize -> train -> merge -> evaluate -> report (train_and_eval.sh)"),
-    "demo-model": ("thinksafe.models", "convert the embedded SmolLM2-135M demo model (first use only)"),
+    "demo-model": ("thinksafe.model_loading", "convert the embedded SmolLM2-135M demo model (first use only)"),
 }
 
 
@@ -50,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=os.environ.get("THINKSAFE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from thinksafe.console import attach_from_env, say
-    from thinksafe.errors import ThinksafeError
 
     attach_from_env()  # under the pipeline: this stage's own lines also go to its terminal
 
@@ -89,7 +90,6 @@ def engine_died(err: BaseException) -> bool:
 
 def engine_death(err: BaseException) -> int:
     """The vLLM engine process died (killed, out of memory): one line; what was generated is logged."""
-    from thinksafe.console import say
 
     say("error: the vLLM engine process died; what was generated is kept: rerun the same command to resume",
         error=True)

@@ -30,6 +30,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from thinksafe.cli import INTERRUPTED
+from thinksafe.console import say
+
 GRACE_S = 10.0  # after the first signal: the unwinding has this long before the watchdog ends it
 CHILD_GRACE_S = 3.0  # SIGTERM -> SIGKILL for children still running on the way out
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # the shell's codes for a process ended by the signal
@@ -246,7 +249,6 @@ def _exit_code() -> int:
 def _leave(code: int, line: str | None) -> None:
     if line:
         try:
-            from thinksafe.console import say
 
             say(f"\n{line}", error=True)
         except Exception:  # the way out must not fail on the way it prints
@@ -260,13 +262,11 @@ def _leave(code: int, line: str | None) -> None:
 
 
 def _watchdog() -> None:
-    from thinksafe.cli import INTERRUPTED
 
     _leave(_exit_code(), INTERRUPTED)
 
 
 def _on_signal(signum, _frame) -> None:
-    from thinksafe.cli import INTERRUPTED
 
     _signals_seen.append(signum)
     if len(_signals_seen) > 1:  # a second Ctrl-C: out now
@@ -281,7 +281,6 @@ def _on_signal(signum, _frame) -> None:
 
 
 def _exit_at_once(signum, _frame) -> None:
-    from thinksafe.cli import INTERRUPTED
 
     _signals_seen.append(signum)
     _leave(_exit_code(), INTERRUPTED)
@@ -303,7 +302,6 @@ def run_entry_point(module: str) -> None:
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
-        from thinksafe.cli import INTERRUPTED
 
         _leave(_exit_code(), INTERRUPTED)
     code = main()

@@ -40,6 +40,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.io import require_writable_dir
 
 HOLDER_ENV = "THINKSAFE_LOCK_HOLDER"  # the pid of a pipeline whose children write under its locks
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -116,7 +117,6 @@ def writer_lock(directory: Path, what: str = "directory"):
     if _is_worker_rank():
         yield
         return
-    from thinksafe.io import require_writable_dir
 
     directory = Path(directory)
     require_writable_dir(directory, what)  # a file in the way or a read-only parent: its own one line

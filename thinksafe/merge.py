@@ -23,6 +23,7 @@ from pathlib import Path
 from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
 from thinksafe.locks import writer_lock
+from thinksafe.model_loading import load_model, load_tokenizer, save_model_atomically
 from thinksafe.registry import RunPaths, paths_for_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,7 +85,6 @@ def merge_adapter(adapter: Path, output: Path, base: str | None = None, dtype: s
     import torch
     from peft import PeftModel
 
-    from thinksafe.models import load_model, load_tokenizer, save_model_atomically
 
     if dtype not in MERGE_DTYPES:
         raise MergeError(f"merge dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.io import read_jsonl, read_text
+from thinksafe.model_loading import require_reachable_dataset
 from thinksafe.registry import PROMPT_SOURCES, RegistryError, is_harmful_label
 
 DEMO_PROMPTS = "demo"
@@ -61,7 +63,6 @@ def _load_dataset(source: str):
                 check_json_file(path)  # datasets' own parse error names no line
             return _quiet_local_load(LOCAL_FORMATS[path.suffix.lower()], path)
         if source in PROMPT_SOURCES or "/" in source:
-            from thinksafe.models import require_reachable_dataset
 
             require_reachable_dataset(target, "synthesis prompts")
             return load_dataset(target, split=HUB_SPLIT)
@@ -81,7 +82,6 @@ def check_json_file(path: Path) -> None:
     one line naming the file and the line."""
     import json
 
-    from thinksafe.io import read_jsonl, read_text
 
     text = read_text(path)
     if path.suffix.lower() == ".json":

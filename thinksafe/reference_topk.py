@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from thinksafe.io import give_normal_mode
+
 REFERENCE_TOPK_FILE = "reference_topk.safetensors"  # beside train.jsonl: kept benign rows (and cut ones)
 REFERENCE_TOPK_PARTIAL_DIR = "reference_topk.partial"  # per-chunk stores of the generation log's samples
 FORMAT_VERSION = 1
@@ -93,7 +95,6 @@ def write_store(path: Path, entries: dict[str, TopK], k: int, meta: dict | None 
     save_file(arrays, str(staging), metadata=metadata)
     import os
 
-    from thinksafe.io import give_normal_mode
 
     with open(staging, "rb") as handle:
         os.fsync(handle.fileno())

@@ -3,7 +3,7 @@
 The log (thinksafe.io.ResumableLog, one fsynced JSON line per sample, keyed by `sample_key`) says
 which samples exist; a rerun generates only the others, so a run killed at any point loses at most
 the chunk in flight. `thinksafe evaluate` and `thinksafe synthesize` both generate through
-`generate_missing`; synthesis (thinksafe/synthesize/generate.py) with `whole_prompt=True` and a
+`generate_missing`; synthesis (thinksafe/synthesize/self_generate.py) with `whole_prompt=True` and a
 seed per chunk (`chunk_sampling`), and its own row builder.
 """
 

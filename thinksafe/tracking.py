@@ -17,6 +17,9 @@ import netrc
 import os
 from pathlib import Path
 
+from thinksafe.errors import ThinksafeError
+from thinksafe.registry import output_root
+
 REPORT_CHOICES = ("auto", "wandb", "offline", "none")
 WANDB_PROJECT = os.environ.get("WANDB_PROJECT", "thinksafe")
 
@@ -44,7 +47,6 @@ def wandb_mode(report_to: str = "auto") -> str:
         return os.environ["WANDB_MODE"]
     if report_to == "wandb":
         if not wandb_logged_in():
-            from thinksafe.errors import ThinksafeError
 
             raise ThinksafeError("--report-to wandb: not logged in (run `wandb login` or set WANDB_API_KEY); "
                                  "or log offline with --report-to offline")
@@ -87,7 +89,6 @@ def check_wandb_online() -> None:
     import urllib.error
     import urllib.request
 
-    from thinksafe.errors import ThinksafeError
 
     base = _wandb_base_url()
     if base in _checked_online:
@@ -117,7 +118,6 @@ def check_wandb_online() -> None:
 
 def wandb_dir() -> Path:
     """wandb writes <dir>/wandb/<run>; ours go beside data/, runs/ and results/."""
-    from thinksafe.registry import output_root
 
     target = output_root().resolve()
     target.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`thinksafe evaluate` options as a dataclass for TRL's parser.
 
 Unlike training and synthesis, evaluate reads no family recipe by itself: which family a model
-directory belongs to is known only from its run record (thinksafe/evaluate/models.py). The pipeline
+directory belongs to is known only from its run record (thinksafe/evaluate/eval_model.py). The pipeline
 passes the family's `evaluate` recipe through the run record (`--config runs/<run>/run_plan.yaml`).
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinksafe.evaluate.generate import DEFAULT_CHUNK
+from thinksafe.engines import BACKENDS
+from thinksafe.evaluate.responses import DEFAULT_CHUNK
 from thinksafe.evaluate.tasks import DATA_SOURCES
-from thinksafe.generation import BACKENDS
 from thinksafe.recipes import ConfigError
+from thinksafe.registry import FAMILIES
 from thinksafe.tracking import REPORT_CHOICES
 
 REASONING_BACKENDS = ("auto", "builtin", "skythought")
@@ -61,7 +62,6 @@ class EvaluationArguments:
     report_to: str = field(default="auto", metadata={"choices": REPORT_CHOICES, "help": "wandb mode"})
 
     def __post_init__(self):
-        from thinksafe.registry import FAMILIES
 
         if not self.model or not self.tasks:
             raise ConfigError("--model and --tasks are required")

@@ -15,11 +15,12 @@ from pathlib import Path
 from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate import skythought
-from thinksafe.evaluate.models import EvalModel, EvaluateError, model_version
+from thinksafe.evaluate.eval_model import EvalModel, EvaluateError, model_version
 from thinksafe.evaluate.reasoning import SCORER
 from thinksafe.evaluate.tasks import EvalItem, TaskSpec, expand_tasks, get_task, load_items
-from thinksafe.guards import REFUSAL_JUDGE
+from thinksafe.guards import REFUSAL_JUDGE, validate_guard_name
 from thinksafe.io import atomic_write_json, read_json
+from thinksafe.merge import saved_dtype
 from thinksafe.registry import Family, Sampling, paths_for_name
 
 METRICS = "metrics.json"
@@ -87,7 +88,6 @@ def merged_dtype(model: EvalModel) -> str | None:
     """The saved dtype of a training run's merged model dir: results of a bf16 merge (which rounds
     most of a LoRA update away, thinksafe.merge) are not those of the float32 merge that replaces
     it. None for an adapter, a hub or a base model (absent from older results: no difference)."""
-    from thinksafe.merge import saved_dtype
 
     source = Path(model.source)
     if model.adapter is not None or model_version(model) is None or not (source / "config.json").exists():
@@ -111,7 +111,6 @@ def result_settings(job: Job, model: EvalModel, data: str, data_file: str | None
 
 def validate_judges(jobs: list[Job]) -> None:
     """Every guard a task will load, checked now: not after all generation is done."""
-    from thinksafe.guards import validate_guard_name
 
     for judge in sorted({job.judge for job in jobs if job.judge}):
         validate_guard_name(judge)

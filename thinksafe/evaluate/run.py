@@ -19,14 +19,16 @@ import logging
 import time
 
 from thinksafe.console import say
-from thinksafe.evaluate.generate import generate_job, generated_rows
-from thinksafe.evaluate.jobs import Job, generation_work, plan_jobs, select_todo
-from thinksafe.evaluate.models import (
+from thinksafe.engines import check_fits_context
+from thinksafe.evaluate.config import EvaluationArguments
+from thinksafe.evaluate.eval_model import (
     EvalModel,
     choose_backend,
     make_policy_generator,
     resolve_eval_model,
 )
+from thinksafe.evaluate.jobs import Job, generation_work, plan_jobs, select_todo
+from thinksafe.evaluate.responses import generate_job, generated_rows
 from thinksafe.evaluate.score import (
     judge_info,
     load_guard,
@@ -38,17 +40,23 @@ from thinksafe.evaluate.score import (
 )
 from thinksafe.io import require_writable_dir
 from thinksafe.locks import writer_locks
-from thinksafe.models import free_accelerator_memory
+from thinksafe.model_loading import (
+    check_model_source,
+    free_accelerator_memory,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+)
+from thinksafe.recipes import parse_stage
 from thinksafe.registry import paths_for_name
+from thinksafe.tracking import wandb_mode
 
 logger = logging.getLogger(__name__)
 
 
 
 def evaluate(args) -> list[dict]:
-    from thinksafe.models import check_model_source, resolve_device
 
-    from thinksafe.tracking import wandb_mode
 
     # Everything checkable without a model, before any result is touched.
     wandb_mode(args.report_to)  # an online wandb that rejects the key: one line now, not after the work
@@ -82,14 +90,12 @@ def evaluate_jobs(jobs: list[Job], model: EvalModel, args) -> list[dict]:
 
 def check_contexts(jobs: list[Job], model: EvalModel) -> None:
     """Each task's token budget plus its longest prompt within the model's context, before any engine."""
-    from thinksafe.generation import check_fits_context
 
     tokenizer = None
     for job in jobs:
         if job.via_skythought or not job.items:
             continue
         if tokenizer is None:
-            from thinksafe.models import load_tokenizer, resolve_model_path
 
             tokenizer = load_tokenizer(resolve_model_path(model.source))
         check_fits_context(model.source, model.family, [item.prompt for item in job.items],
@@ -106,7 +112,7 @@ def generate_all(jobs: list[Job], model: EvalModel, backend, args) -> None:
         generate_job(generator, job, args.chunk_size)
         job.seconds += time.time() - start
     if generator is not None and hasattr(generator, "close"):
-        generator.close()  # the engine stopped now, in order (thinksafe.generation.VLLMGenerator.close)
+        generator.close()  # the engine stopped now, in order (thinksafe.engines.VLLMGenerator.close)
     del generator
     free_accelerator_memory()
 
@@ -143,8 +149,6 @@ def format_result(m: dict) -> str:
 
 def parse_args(argv: list[str] | None):
     """Flags over --config (a recipe, or the pipeline's run record with its `evaluate` section)."""
-    from thinksafe.recipes import parse_stage
-    from thinksafe.evaluate.config import EvaluationArguments
 
     (args,) = parse_stage("evaluate", (EvaluationArguments,), argv, None, "thinksafe evaluate")
     return args

@@ -13,15 +13,19 @@ import time
 from collections import Counter
 
 from thinksafe.evaluate import skythought
-from thinksafe.evaluate.generate import GENERATIONS, PARTIAL
+from thinksafe.evaluate.eval_model import EvalModel, EvaluateError, loadable_source
 from thinksafe.evaluate.jobs import METRICS, SETTINGS, Job
 from thinksafe.evaluate.metrics import mean_pass_at_1, rate
-from thinksafe.evaluate.models import EvalModel, EvaluateError, loadable_source
 from thinksafe.evaluate.reasoning import check_answer
+from thinksafe.evaluate.responses import GENERATIONS, PARTIAL
 from thinksafe.evaluate.safety import judged_text, safety_metrics
 from thinksafe.evaluate.tasks import data_set_name, paper_departures, paper_set_name
+from thinksafe.guards import is_refusal
+from thinksafe.guards import load_guard as load
 from thinksafe.io import atomic_write_json, atomic_write_jsonl, swap_in
+from thinksafe.model_loading import resolve_model_path
 from thinksafe.registry import Family
+from thinksafe.tracking import log_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,6 @@ def reasoning_metrics(rows: list[dict], correct_by_item: dict[str, list[bool]]) 
 
 
 def score_safety(job: Job, rows: list[dict], family: Family, guard) -> dict:
-    from thinksafe.guards import is_refusal
 
     labels = {item.id: item.label for item in job.items}
     questions = {item.id: item.question for item in job.items}
@@ -74,7 +77,6 @@ def judge_info(job: Job, guard) -> dict:
 
 
 def load_guard(name: str, args, work_tokens: int):
-    from thinksafe.guards import load_guard as load
 
     vllm_kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}
     return load(name, device=args.device, backend=args.backend, work_tokens=work_tokens, **vllm_kwargs)
@@ -126,7 +128,6 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
 
 
 def run_skythought(job: Job, model: EvalModel, args) -> dict:
-    from thinksafe.models import resolve_model_path
 
     start = time.time()
     source = loadable_source(model)
@@ -153,7 +154,6 @@ def run_skythought(job: Job, model: EvalModel, args) -> dict:
 def log_to_wandb(model: EvalModel, results: list[dict], report_to: str) -> None:
     if not results:
         return
-    from thinksafe.tracking import log_metrics
 
     metrics = {}
     for m in results:

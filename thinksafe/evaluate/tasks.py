@@ -17,6 +17,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import read_jsonl
+from thinksafe.model_loading import require_reachable_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
@@ -303,7 +304,6 @@ def _read_local(path: Path) -> list[dict]:
 def _load_hub(task: TaskSpec) -> list[dict]:
     import datasets
 
-    from thinksafe.models import require_reachable_dataset
 
     hub = task.hub
     require_reachable_dataset(hub.id, f"task {task.name} (or pass --data-file {task.name}=FILE)")

@@ -45,8 +45,8 @@ from thinksafe.guards.refusal import (
     is_refusal,
     refusal_verdict,
 )
-from thinksafe.guards.registry import GUARD_SPECS, GUARDS, GuardSpec, KeepRule, keep_rule, spec_for
 from thinksafe.guards.server import GuardServerError, VLLMServerBackend, top_logprobs_by_id
+from thinksafe.guards.specs import GUARD_SPECS, GUARDS, GuardSpec, KeepRule, keep_rule, spec_for
 from thinksafe.guards.wildguard import (
     WILDGUARD_MAX_INPUT_TOKENS,
     WILDGUARD_MAX_NEW_TOKENS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from thinksafe.engines import vllm_engine_args
 from thinksafe.guards.base import DEFAULT_BATCH_SIZE
 
 VLLM_TOP_LOGPROBS = 20  # vLLM's default max_logprobs; the paper asked for only 2
@@ -94,7 +95,6 @@ class VLLMBackend:
                  gpu_memory_utilization: float = 0.9, dtype: str | None = None):
         from vllm import LLM
 
-        from thinksafe.generation import vllm_engine_args
 
         self.llm = LLM(model=path, max_model_len=max_model_len, max_logprobs=VLLM_TOP_LOGPROBS,
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))

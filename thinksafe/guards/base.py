@@ -48,7 +48,7 @@ class Verdict:
 class Guard:
     """name: what the user typed (or the hub id); label: human-readable, says "stand-in" where one.
 
-    Class attributes describe the kind of judge, so the registry (guards/registry.py) needs only
+    Class attributes describe the kind of judge, so the registry (guards/specs.py) needs only
     the class: `style` (what --guard-style names it), `judges_refusal` (its verdicts carry
     `refusal`), `text_only` (no model: judged from the text alone, nothing to load or batch).
     """

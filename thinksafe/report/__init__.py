@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 
 from thinksafe.io import atomic_write_text
+from thinksafe.registry import results_root
 from thinksafe.report.collect import (
     HARMFUL_METRIC,
     MEANS,
@@ -95,7 +96,6 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from thinksafe.registry import results_root
 
     parser = argparse.ArgumentParser(prog="thinksafe report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default=None, help="results root (default: the registry's, outputs/results)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from thinksafe.console import say
 from thinksafe.prompts import DEBUG_PROMPTS
+from thinksafe.recipes import parse_training
 from thinksafe.registry import resolve_model, synthesized_data_dir
 from thinksafe.synthesize.completion import (
     CUT_AT_LIMIT,
@@ -47,11 +48,12 @@ from thinksafe.synthesize.config import (
     TRAIN_FILE,
     UNFINISHED_BENIGN_FILE,
     SynthConfig,
+    SynthesisArguments,
 )
+from thinksafe.synthesize.core import SynthResult, synthesize
 from thinksafe.synthesize.dataset import BENIGN, GROUPS, HARMFUL, OVER_CAP, RESPONSE_LABEL, assemble
-from thinksafe.synthesize.generate import HF_PROMPTS_PER_BATCH_CHUNK, VLLM_CHUNK_PROMPTS
 from thinksafe.synthesize.judge import JUDGE_CHUNK_BATCHES, TEXT_JUDGE_CHUNK
-from thinksafe.synthesize.run import SynthResult, synthesize
+from thinksafe.synthesize.self_generate import HF_PROMPTS_PER_BATCH_CHUNK, VLLM_CHUNK_PROMPTS
 from thinksafe.synthesize.stats import PhaseTimer
 
 
@@ -85,8 +87,6 @@ def summary(result: SynthResult) -> str:
 def parse_args(argv: list[str] | None):
     """Flags over --config over the family's recipe (configs/recipes/<family>/synthesize.yaml) over
     the defaults: so `scripts/synthesize.sh cpu demo` writes the same data as the demo pipeline."""
-    from thinksafe.recipes import parse_training
-    from thinksafe.synthesize.config import SynthesisArguments
 
     (args,) = parse_training("synthesize", (SynthesisArguments,), argv, "thinksafe synthesize")
     return args

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from thinksafe.chat import normalize_response
-from thinksafe.generation import Completion
+from thinksafe.engines import Completion
 from thinksafe.registry import Family
 from thinksafe.synthesize.config import STEER_PREFIX
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinksafe.guards import guard_label, load_guard
 from thinksafe.io import ResumableLog
 from thinksafe.progress import Progress
 from thinksafe.prompts import PromptRow
@@ -53,7 +54,6 @@ def judge_missing(cfg: SynthConfig, candidates: list[tuple[PromptRow, dict]], gu
 
 
 def make_default_guard(cfg: SynthConfig, rows_to_judge: int):
-    from thinksafe.guards import load_guard
 
     return load_guard(cfg.guard, device=cfg.device, backend=cfg.backend, style=cfg.guard_style,
                       batch_size=cfg.guard_batch_size, trust_remote_code=cfg.trust_remote_code,
@@ -65,7 +65,6 @@ def guard_identity(cfg: SynthConfig, guard) -> tuple[str, str]:
     both come from --guard (the keep rule follows the name)."""
     if guard is not None:
         return guard.name, guard.label
-    from thinksafe.guards import guard_label
 
     return cfg.guard, guard_label(cfg.guard, cfg.guard_style)
 

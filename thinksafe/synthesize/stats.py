@@ -37,7 +37,7 @@ class PhaseTimer:
 
 def run_stats(cfg: SynthConfig, counts: dict, generated, judged, started: float) -> dict:
     """stats.json (before the row files' hashes): `generated` and `judged` are the two phases'
-    results (thinksafe.synthesize.generate.Generated, thinksafe.synthesize.judge.Judged)."""
+    results (thinksafe.synthesize.self_generate.Generated, thinksafe.synthesize.judge.Judged)."""
     return {
         "generator": {"model": cfg.model.source, "family": cfg.model.family.name, "size": cfg.model.size,
                       "reasoning": cfg.model.family.reasoning, "backend": generated.backend,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import atomic_write_json, give_tree_normal_mode, read_json, require_writable_dir, swap_in
+from thinksafe.model_loading import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
 from thinksafe.registry import DEFAULT_KL_REFERENCE, RunPaths, parse_positive_int
 
 logger = logging.getLogger(__name__)
@@ -233,11 +234,10 @@ def umask_modes_callback():
 
 def idle_cpu_threads_callback():
     """A TrainerCallback that re-reads, between steps, the cores other processes leave idle
-    (thinksafe.models.cpu_threads, at most every CPU_THREADS_RECHECK_S): a CPU run that started on a
+    (thinksafe.model_loading.cpu_threads, at most every CPU_THREADS_RECHECK_S): a CPU run that started on a
     busy machine gets its threads back when the other job ends, and the other way round."""
     from transformers import TrainerCallback
 
-    from thinksafe.models import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
 
     class IdleCpuThreads(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -14,7 +14,7 @@ from typing import Literal
 
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
-from thinksafe.models import resolve_device
+from thinksafe.model_loading import resolve_device
 from thinksafe.recipes import ConfigError
 from thinksafe.registry import DEFAULT_KL_REFERENCE, DEFAULT_KL_WEIGHTING, MAX_LORA_RANK
 from thinksafe.tracking import REPORT_CHOICES, configure_wandb, wandb_installed

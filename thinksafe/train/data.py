@@ -22,9 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from thinksafe.chat import encode_for_training, normalize_response
+from thinksafe.cli import FILESYSTEM_REFUSALS
 from thinksafe.errors import ThinksafeError
 from thinksafe.guards import check_named_guard
+from thinksafe.io import read_json, read_jsonl, sha256_of_files
+from thinksafe.model_loading import cache_dir, require_reachable_dataset
+from thinksafe.reference_topk import REFERENCE_TOPK_FILE, read_store, row_key
 from thinksafe.registry import (
+    SYNTH_STATS_FILE,
     SYNTH_TRAIN_FILE,
     SYNTH_UNFINISHED_BENIGN_FILE,
     DatasetSpec,
@@ -33,6 +39,7 @@ from thinksafe.registry import (
     resolve_dataset,
     synthesized_data_dir,
 )
+from thinksafe.train.common import distributed_state
 
 # Column names accepted for the prompt and its label (the published SafeChain-style sets use `label`).
 PROMPT_COLUMNS = ("instruction", "prompt")
@@ -80,7 +87,6 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
     """Raw records from a local JSONL/JSON file or directory, or a hub dataset's train split."""
     import datasets
 
-    from thinksafe.io import read_jsonl
 
     path = Path(source)
     if spec.kind in ("self", "local"):
@@ -89,7 +95,6 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
             raise DatasetError(f"{path} holds no .jsonl file")
         return [record for file in files for record in read_jsonl(file)]  # errors name file:line
     else:
-        from thinksafe.models import require_reachable_dataset
 
         require_reachable_dataset(source, "training")
         try:
@@ -208,7 +213,6 @@ def drop_unclosed(rows: list[TrainRow], family) -> tuple[list[TrainRow], int]:
 
 
 def _closes_its_block(response: str, family) -> bool:
-    from thinksafe.chat import normalize_response
 
     normalized = normalize_response(response, family)
     return normalized.closed or not normalized.has_think
@@ -252,8 +256,6 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
     GENERATED_IDS. A KL row without an entry, or whose stored ids spell another text, is dropped
     and counted by its reason.
     """
-    from thinksafe.chat import encode_for_training
-    from thinksafe.reference_topk import row_key
 
     columns = {"input_ids": [], "completion_mask": [], KL_COLUMN: []}
     if reference is not None:
@@ -293,8 +295,6 @@ def tokenize_rows(rows: list[TrainRow], tokenizer, family, use_kl: bool, referen
 
 def load_reference(source: str) -> tuple[dict, str]:
     """({row_key: TopK}, sha256) of the store beside a self-generated train.jsonl (--kl_reference cached)."""
-    from thinksafe.io import sha256_of_files
-    from thinksafe.reference_topk import REFERENCE_TOPK_FILE, read_store
 
     path = Path(source).with_name(REFERENCE_TOPK_FILE)
     if not path.exists():
@@ -326,7 +326,6 @@ def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool,
 
 
 def tokenized_cache_dir() -> Path:
-    from thinksafe.models import cache_dir
 
     return cache_dir() / "tokenized"
 
@@ -350,7 +349,6 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
     """
     import datasets
 
-    from thinksafe.train.common import distributed_state
 
     key = cache_key(rows, tokenizer, family.name, use_kl, reference[1] if reference else None)
     target = (cache_root or tokenized_cache_dir()) / key
@@ -368,7 +366,6 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
             try:
                 _save_tokenized(dataset, drops, target)
             except OSError as err:
-                from thinksafe.cli import FILESYSTEM_REFUSALS
 
                 if err.errno not in FILESYSTEM_REFUSALS:
                     raise
@@ -422,8 +419,6 @@ def local_files(source: str) -> list[Path]:
 def check_synthesized_set(files: list[Path]) -> None:
     """A self-generated set is trained only as the set its stats.json describes (synthesize writes
     stats.json last, with the sha256 of each row file): never a train.jsonl from another run."""
-    from thinksafe.io import read_json, sha256_of_files
-    from thinksafe.registry import SYNTH_STATS_FILE
 
     stats_path = files[0].with_name(SYNTH_STATS_FILE)
     recorded = read_json(stats_path).get("files_sha256", {}) if stats_path.exists() else {}
@@ -440,7 +435,6 @@ def read_train_rows(dataset: str, model: ModelSpec, use_kl: bool, kl_on_unfinish
     With `use_kl` and `kl_on_unfinished`, a self-generated dataset also reads unfinished_benign.jsonl;
     other datasets contribute their own `finished: false` benign rows.
     """
-    from thinksafe.io import sha256_of_files
 
     spec, source = dataset_source(dataset, model)
     unfinished_as_kl = use_kl and kl_on_unfinished

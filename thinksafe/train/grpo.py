@@ -18,11 +18,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+from thinksafe.chat import template_opened_think
 from thinksafe.console import say
+from thinksafe.guards import load_guard, server_guard
+from thinksafe.io import atomic_write_json
 from thinksafe.locks import writer_lock
+from thinksafe.model_loading import check_model_source, default_dtype, load_model, load_tokenizer
 from thinksafe.progress import trainer_progress_callback
 from thinksafe.recipes import parse_training
 from thinksafe.registry import ModelSpec, grpo_run_name, paths_for_name, resolve_model
+from thinksafe.serving import served_max_model_len
+from thinksafe.tracking import log_metrics
 from thinksafe.train.common import (
     TrainConfigError,
     distributed_state,
@@ -48,6 +54,7 @@ from thinksafe.train.grpo_launch import (  # noqa: F401
     launch_plan,
     print_plan,
 )
+from thinksafe.train.rewards import FormatReward, GuardReward
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +98,8 @@ def parse_args(argv: list[str] | None) -> GRPORun:
 
 def load_reward_guard(args: GRPOArguments, device: str):
     if args.guard_server_url:
-        from thinksafe.guards import server_guard
 
         return server_guard(args.guard_server_url, args.guard)
-    from thinksafe.guards import load_guard
 
     # transformers next to the policy: a colocated vLLM engine would compete for the same memory
     return load_guard(args.guard, device=device, backend="transformers", style=args.guard_style)
@@ -126,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         return print_plan(run)
     from trl import GRPOTrainer, get_peft_config
 
-    from thinksafe.chat import template_opened_think
-    from thinksafe.models import check_model_source, default_dtype, load_model, load_tokenizer
-    from thinksafe.serving import served_max_model_len
-    from thinksafe.train.rewards import FormatReward, GuardReward
 
     model_cfg, args, config, spec, paths = run.model, run.args, run.config, run.spec, run.paths
     config.start_tracking()  # wandb set up (and an online run's key checked) before any work
@@ -192,8 +193,6 @@ def run_info(run: GRPORun, dataset_spec, prompts: int, dropped: int, guard, chec
 
 
 def write_cost(paths, cost: dict, report_to: list[str]) -> None:
-    from thinksafe.io import atomic_write_json
-    from thinksafe.tracking import log_metrics
 
     atomic_write_json(paths.run_dir / COST_FILE, cost)
     # the trainer's wandb run (if any) is finished: the cost goes to its own run in the grpo group

@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 
+from thinksafe.chat import generation_prompt_ids
 from thinksafe.train.common import TrainConfigError
+from thinksafe.train.data import PROMPT_COLUMNS, DatasetError, dataset_source, fingerprinted_dataset, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,6 @@ def template_kwargs(family) -> dict:
 
 def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
     """The `instruction` column (or `prompt`) of the dataset, as registry.resolve_dataset names it."""
-    from thinksafe.train.data import PROMPT_COLUMNS, DatasetError, dataset_source, read_records
 
     dataset_spec, source = dataset_source(dataset, spec)
     records = read_records(dataset_spec, source)
@@ -41,8 +42,6 @@ def load_prompts(dataset: str, spec) -> tuple[list[str], object]:
 
 def prompt_dataset(instructions: list[str], tokenizer, family, max_prompt_length: int):
     """datasets.Dataset with `prompt` (one user message) and `instruction`; prompts over the limit dropped."""
-    from thinksafe.chat import generation_prompt_ids
-    from thinksafe.train.data import fingerprinted_dataset
 
     rows = {"prompt": [], "instruction": []}
     dropped = 0

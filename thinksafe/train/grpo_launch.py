@@ -8,8 +8,14 @@ import re
 from pathlib import Path
 
 from thinksafe.errors import ThinksafeError
+from thinksafe.guards import GUARD_SPECS, GUARDS, GuardError, LogprobGuard
+from thinksafe.guards.loading import looks_like_model
+from thinksafe.guards.specs import spec_for
+from thinksafe.recipes import CONFIG_DIR
 from thinksafe.registry import FAMILIES
+from thinksafe.serving import free_ports
 from thinksafe.train.common import TrainConfigError
+from thinksafe.train.data import dataset_source
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -22,6 +28,7 @@ SERVER_HOST = "127.0.0.1"
 
 
 def parse_gpu_ids(value: str) -> list[str]:
+    # deferred: imports trl (heavy)
     from thinksafe.plan import parse_devices
 
     return parse_devices(value, check_visible=True, name="GPU_IDS")
@@ -29,10 +36,6 @@ def parse_gpu_ids(value: str) -> list[str]:
 
 def launch_plan(run, gpu_ids: str) -> dict:
     """Everything scripts/grpo.sh needs, validated: mode, GPU split, ports, server settings."""
-    from thinksafe.guards import GUARDS
-    from thinksafe.recipes import CONFIG_DIR
-    from thinksafe.serving import free_ports
-    from thinksafe.train.data import dataset_source
 
     args, config, spec = run.args, run.config, run.spec
     ids = parse_gpu_ids(gpu_ids)
@@ -87,8 +90,6 @@ def check_model_name(model: str) -> None:
 
 def check_guard_name(guard: str) -> None:
     """A registered name or something that looks like a model (its weights are checked when it loads)."""
-    from thinksafe.guards import GUARD_SPECS, GuardError
-    from thinksafe.guards.loading import looks_like_model
 
     if guard not in GUARD_SPECS and not looks_like_model(guard):
         raise GuardError(f"unknown guard {guard!r}; choose one of: {', '.join(GUARD_SPECS)}, a hub id or a model "
@@ -96,8 +97,6 @@ def check_guard_name(guard: str) -> None:
 
 
 def check_server_guard(guard: str, style: str | None = None) -> None:
-    from thinksafe.guards import LogprobGuard
-    from thinksafe.guards.registry import spec_for
 
     if spec_for(guard, style).kind is not LogprobGuard:
         raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")

@@ -14,6 +14,7 @@ import time
 
 from thinksafe.console import say
 from thinksafe.locks import writer_lock
+from thinksafe.model_loading import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
 from thinksafe.progress import trainer_progress_callback
 from thinksafe.recipes import parse_training
 from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, run_paths
@@ -29,6 +30,15 @@ from thinksafe.train.common import (
     umask_modes_callback,
 )
 from thinksafe.train.config import RunArguments, ThinkSafeModelConfig, ThinkSafeSFTConfig
+from thinksafe.train.data import (
+    GENERATED_IDS,
+    build_train_dataset,
+    dataset_source,
+    load_reference,
+    make_collator,
+    read_train_rows,
+)
+from thinksafe.train.kl import KLSFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +92,6 @@ def liger_kernels(sft) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from thinksafe.models import check_model_source
-    from thinksafe.train.data import read_train_rows
 
     started = time.time()
     # Everything that can be checked without a model is checked first: arguments, device, data.
@@ -104,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunConfig, data, reference,
               started: float) -> int:
     """Train into the run dir, whose writer lock the caller holds."""
-    from thinksafe.models import default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
-    from thinksafe.train.data import GENERATED_IDS, build_train_dataset, make_collator
-    from thinksafe.train.kl import KLSFTTrainer
 
     spec, paths = cfg.model, run_paths(cfg)
     work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, data), run.skip_finished)
@@ -124,7 +129,7 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
 
     on_one_cpu_process = sft.target_device == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1"
     if on_one_cpu_process:
-        use_idle_cpu_threads()  # a busy machine degrades gracefully (thinksafe.models.cpu_threads)
+        use_idle_cpu_threads()  # a busy machine degrades gracefully (thinksafe.model_loading.cpu_threads)
     model = load_model(spec.source, device="cpu", dtype=model_cfg.dtype or default_dtype(sft.target_device))
     trainer = KLSFTTrainer(
         model=model.train(), args=sft, train_dataset=dataset, processing_class=tokenizer,
@@ -154,7 +159,6 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
 
 def cached_reference(sft: ThinkSafeSFTConfig, data, dataset: str, spec):
     """--kl_reference cached: the base model's top-k stored at synthesis (None: the exact forward KL)."""
-    from thinksafe.train.data import dataset_source, load_reference
 
     if not (sft.use_kl and sft.kl_reference == "cached"):
         return None

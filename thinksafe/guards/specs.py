@@ -19,7 +19,7 @@ from thinksafe.guards.llama_guard import LogprobGuard
 from thinksafe.guards.refusal import REFUSAL_JUDGE, RefusalJudge
 from thinksafe.guards.wildguard import WildGuard
 
-DEMO_MODEL = "demo"  # the bundled demo model (thinksafe.models): usable in Llama-Guard style
+DEMO_MODEL = "demo"  # the bundled demo model (thinksafe.model_loading): usable in Llama-Guard style
 KeepRule = Callable[[Mapping, bool], str | None]  # (stored verdict, harmful prompt) -> drop reason or None
 
 

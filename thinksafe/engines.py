@@ -23,6 +23,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from thinksafe.chat import generation_prompt_ids, opened_think
+from thinksafe.errors import ThinksafeError
+from thinksafe.interrupt import children_shielded_from_ctrl_c, descendants, signals_deferred, watch_processes
+from thinksafe.model_loading import (
+    CPU_THREADS_RECHECK_S,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    saved_generation_config,
+    use_idle_cpu_threads,
+)
+from thinksafe.progress import vllm_progress
+from thinksafe.reference_topk import TopK, tail_from_logprobs, topk_from_logits
 from thinksafe.registry import Family, Sampling
 
 logger = logging.getLogger(__name__)
@@ -84,7 +97,6 @@ def _cut_reference(reference, ids: list[int], length: int):
         return None
     import numpy as np
 
-    from thinksafe.reference_topk import TopK
 
     ref_ids, logprobs, tail = reference
     return TopK(np.asarray(ids[:length], dtype=np.int32), ref_ids[:length], logprobs[:length], tail[:length])
@@ -136,7 +148,6 @@ class HFGenerator(Generator):
 
     def __init__(self, model_source: str, family: Family, model=None, tokenizer=None, device: str | None = None,
                  batch_size: int = 16, trust_remote_code: bool = False, reference_topk: int = 0):
-        from thinksafe.models import load_model, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model_source, trust_remote_code=trust_remote_code)
         super().__init__(model_source, family, tokenizer)
@@ -145,7 +156,6 @@ class HFGenerator(Generator):
         self.reference_topk = reference_topk
 
     def eos_ids(self) -> list[int]:
-        from thinksafe.models import eos_token_ids
 
         return eos_token_ids(self.model.generation_config, self.tokenizer)
 
@@ -153,7 +163,6 @@ class HFGenerator(Generator):
         import numpy as np
         import torch
 
-        from thinksafe.models import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
 
         on_cpu = self.model.device.type == "cpu"
         if on_cpu:
@@ -207,7 +216,6 @@ class HFGenerator(Generator):
         if not self.reference_topk:
             yield steps
             return
-        from thinksafe.reference_topk import topk_from_logits
 
         def hook(_module, _args, output):
             steps.append(topk_from_logits(output[:, -1, :], self.reference_topk))
@@ -265,7 +273,6 @@ class VLLMGenerator(Generator):
         import torch
         from vllm import LLM
 
-        from thinksafe.models import eos_token_ids, load_tokenizer, resolve_model_path, saved_generation_config
 
         path = resolve_model_path(model_source)
         super().__init__(model_source, family, load_tokenizer(path, trust_remote_code=trust_remote_code))
@@ -274,7 +281,6 @@ class VLLMGenerator(Generator):
         # vLLM's "raw_logprobs" are taken before any logits processing (its default, named so a change
         # of default cannot silently store the sampler's processed distribution instead).
         logprob_args = {"logprobs_mode": "raw_logprobs", "max_logprobs": reference_topk} if reference_topk else {}
-        from thinksafe.interrupt import children_shielded_from_ctrl_c
 
         started = time.monotonic()
         with children_shielded_from_ctrl_c():  # Ctrl-C reaches us; we stop the engine (thinksafe.interrupt)
@@ -283,7 +289,6 @@ class VLLMGenerator(Generator):
                            **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
         # vLLM's own start-up lines are quiet at our log level; the start is ~60 s on a CPU, so say when it is up
         logger.info("vLLM engine started in %.0f s", time.monotonic() - started)
-        from thinksafe.interrupt import descendants, watch_processes
 
         self._generating = False
         me = weakref.ref(self)  # the watch must not keep the generator (and its engine) alive
@@ -302,7 +307,6 @@ class VLLMGenerator(Generator):
     def close(self) -> None:
         """Stop the engine now, a signal meanwhile deferred to the end (thinksafe.interrupt): left to
         the garbage collector, a Ctrl-C during its shutdown printed a traceback from a finalizer."""
-        from thinksafe.interrupt import signals_deferred
 
         getattr(self, "_stop_watch", lambda: None)()  # its processes are about to end, on purpose
         llm, self.llm = getattr(self, "llm", None), None
@@ -323,7 +327,6 @@ class VLLMGenerator(Generator):
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         from vllm import SamplingParams
 
-        from thinksafe.progress import vllm_progress
 
         params = SamplingParams(
             n=sampling.n,
@@ -371,7 +374,6 @@ def vllm_topk(position_logprobs, k: int):
     """
     import numpy as np
 
-    from thinksafe.reference_topk import tail_from_logprobs
 
     ids = np.zeros((len(position_logprobs), k), dtype=np.int32)
     logprobs = np.zeros((len(position_logprobs), k), dtype=np.float32)
@@ -398,7 +400,6 @@ def context_length(model_source: str) -> tuple[int | None, str]:
     import json
     from pathlib import Path
 
-    from thinksafe.models import resolve_model_path
 
     path = Path(resolve_model_path(model_source))
     config_file = path / "config.json"
@@ -430,7 +431,6 @@ def check_fits_context(model_source: str, family: Family, prompts: list[str], ma
     the model's context, checked before any engine starts; else one line naming the model's limit.
     vLLM refused such a request only after its engine had started (and on CPU, or with transformers,
     generation beyond the positions the model was trained on is garbage, or an index error)."""
-    from thinksafe.errors import ThinksafeError
 
     limit, key = context_length(model_source)
     if limit is None:
@@ -438,7 +438,6 @@ def check_fits_context(model_source: str, family: Family, prompts: list[str], ma
     longest = 0
     if prompts:
         if tokenizer is None:
-            from thinksafe.models import load_tokenizer, resolve_model_path
 
             tokenizer = load_tokenizer(resolve_model_path(model_source), trust_remote_code=trust_remote_code)
         candidates = sorted(set(prompts), key=len, reverse=True)[:LONGEST_PROMPTS_CHECKED]

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe import resumable
+from thinksafe.engines import Generator, make_generator, pick_backend
 from thinksafe.errors import ThinksafeError
-from thinksafe.generation import Generator
 from thinksafe.io import ResumableLog
-from thinksafe.models import default_device, free_accelerator_memory
+from thinksafe.model_loading import default_device, free_accelerator_memory
 from thinksafe.prompts import PromptRow
 from thinksafe.resumable import missing_samples, sample_key
 from thinksafe.synthesize.completion import check_completion, steer
@@ -82,7 +82,9 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
     counting = _CountingTokens(generator, n)
     steered = [(p.id, steer(p.instruction, p.harmful, cfg.steer_prefix)) for p in prompts]
     start = time.perf_counter()
-    resumable.generate_missing(counting, steered, cfg.sampling, chunks.wrap(log) if chunks else log, row, generation_chunk_size(cfg, generator.name),
+    log_sink = chunks.wrap(log) if chunks else log
+    chunk_size = generation_chunk_size(cfg, generator.name)
+    resumable.generate_missing(counting, steered, cfg.sampling, log_sink, row, chunk_size,
                                "generate", chunk_sampling=chunk_sampling, whole_prompt=True)
     timer.items += pending
     timer.tokens += counting.tokens
@@ -90,7 +92,6 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
 
 
 def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
-    from thinksafe.generation import make_generator, pick_backend
 
     try:
         work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens

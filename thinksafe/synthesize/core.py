@@ -7,21 +7,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinksafe.engines import Generator, check_fits_context
 from thinksafe.errors import ThinksafeError
-from thinksafe.generation import Generator, check_fits_context
-from thinksafe.guards import keep_rule
+from thinksafe.guards import keep_rule, validate_guard_name
 from thinksafe.io import swap_in
 from thinksafe.locks import writer_lock
-from thinksafe.models import check_model_source, resolve_device
+from thinksafe.model_loading import check_model_source, resolve_device
 from thinksafe.prompts import load_prompts
 from thinksafe.reference_topk import row_key
 from thinksafe.synthesize.completion import steer
 from thinksafe.synthesize.config import STATS_FILE, TRAIN_FILE, SynthConfig
 from thinksafe.synthesize.dataset import assemble
-from thinksafe.synthesize.generate import generation_phase
 from thinksafe.synthesize.judge import judging_phase
 from thinksafe.synthesize.outdir import move_user_files, prepare_out_dir, refuse_empty_set, write_dataset_set
 from thinksafe.synthesize.reference import kept_references, read_chunks, write_reference_store
+from thinksafe.synthesize.self_generate import generation_phase
 from thinksafe.synthesize.stats import run_stats
 
 
@@ -34,7 +34,6 @@ class SynthResult:
 
 def check_inputs(cfg: SynthConfig, generator: Generator | None, guard) -> None:
     """Everything checkable without a model, before anything in --out is touched."""
-    from thinksafe.guards import validate_guard_name
 
     if guard is None:
         validate_guard_name(cfg.guard, cfg.guard_style)

@@ -13,8 +13,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinksafe.engines import make_generator, pick_backend
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import read_json, sha256_of_files
+from thinksafe.merge import base_model_of, is_merged_as, locate, merge_adapter
 from thinksafe.registry import FAMILIES, Family, base_run_name, get_family, resolve_model
 from thinksafe.train.common import RUN_INFO, RUN_RECORD, read_run_record
 
@@ -64,7 +66,6 @@ def resolve_eval_model(model: str, run_name: str | None = None, model_type: str 
 
 
 def _adapter_model(model: str, path: Path, run_name: str | None, model_type: str | None) -> EvalModel:
-    from thinksafe.merge import base_model_of, locate
 
     base = base_model_of(path)
     family, name, is_base = dir_identity(path, base, run_name, model_type)
@@ -132,7 +133,6 @@ def model_version(model: EvalModel) -> str | None:
 
 def choose_backend(backend: str, model: EvalModel, work_tokens: int | None = None):
     """The generation backend (a BackendChoice) for `model` and about `work_tokens` generated tokens."""
-    from thinksafe.generation import pick_backend
 
     try:
         return pick_backend(backend, work_tokens, adapter=model.adapter is not None)
@@ -142,7 +142,6 @@ def choose_backend(backend: str, model: EvalModel, work_tokens: int | None = Non
 
 def merged_source(model: EvalModel) -> str:
     """The float32 merged copy of an adapter, made once (thinksafe.merge) and reused afterwards."""
-    from thinksafe.merge import is_merged_as, merge_adapter
 
     assert model.adapter is not None and model.merged_dir is not None
     if is_merged_as(model.merged_dir):
@@ -157,7 +156,6 @@ def loadable_source(model: EvalModel) -> str:
 
 
 def make_policy_generator(model: EvalModel, backend, args):
-    from thinksafe.generation import make_generator
 
     common = {"device": args.device, "batch_size": args.batch_size, "seed": args.seed,
               "tensor_parallel_size": args.tensor_parallel_size,

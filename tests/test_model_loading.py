@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from thinksafe.generation import HFGenerator
-from thinksafe.models import ModelLoadError, find_demo_gguf, load_model, load_tokenizer
+from thinksafe.engines import HFGenerator
+from thinksafe.model_loading import ModelLoadError, find_demo_gguf, load_model, load_tokenizer
 from thinksafe.registry import FAMILIES
 
 pytestmark = pytest.mark.demo
@@ -47,7 +47,7 @@ def test_processes_asking_for_the_demo_model_at_once_convert_it_once(tmp_path, m
     import sys
 
     monkeypatch.setenv("THINKSAFE_CACHE", str(tmp_path / "cache"))
-    code = "from thinksafe.models import ensure_demo_model; print(ensure_demo_model())"
+    code = "from thinksafe.model_loading import ensure_demo_model; print(ensure_demo_model())"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

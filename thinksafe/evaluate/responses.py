@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from thinksafe.evaluate.eval_model import EvaluateError
 from thinksafe.evaluate.jobs import Job
-from thinksafe.evaluate.models import EvaluateError
 from thinksafe.io import ResumableLog, atomic_write_jsonl, read_jsonl
 from thinksafe.registry import Sampling
 from thinksafe.resumable import generate_missing, missing_samples, sample_key

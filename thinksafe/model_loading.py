@@ -17,6 +17,7 @@ from pathlib import Path
 from thinksafe.chat import require_chat_template
 from thinksafe.console import say
 from thinksafe.errors import ThinksafeError
+from thinksafe.io import give_tree_normal_mode, make_staging_dir, swap_in
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ def convert_demo_model(target: Path) -> Path:
 def save_model_atomically(model, tokenizer, target: Path) -> Path:
     """Save model + tokenizer to a temp dir beside `target`, then swap it in: an interrupted save
     never leaves a half-written model where a later stage would load it."""
-    from thinksafe.io import give_tree_normal_mode, make_staging_dir, swap_in
 
     target = Path(target)
     staging = make_staging_dir(target)
