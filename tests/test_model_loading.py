@@ -41,6 +41,7 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
         load_tokenizer("nobody/no-such-model")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_processes_asking_for_the_demo_model_at_once_convert_it_once(tmp_path, monkeypatch):
     """Parallel evaluation tasks or test workers: one converts, the other waits on the lock and reuses it."""
     import subprocess

@@ -161,3 +161,29 @@ def test_a_failing_task_in_a_group_keeps_the_others_finishing(output_root, monke
     assert started == ["heldout_harmful,aime24,xstest", "heldout_harmful", "aime24", "xstest"]
     assert [(t.name, code) for t, code in results] == [("heldout_harmful", 0), ("aime24", 1), ("xstest", 0)]
     assert results[1][0].log == plan.paths.logs / "eval_aime24.log"
+
+
+def test_settings_travel_typed_from_the_positional_arguments_to_the_trainer(monkeypatch, output_root, tmp_path):
+    """use_kl, kl_reference and the devices are converted from text once (plan) and then travel typed:
+    the train command carries no rebuilt flag, the run record holds YAML booleans, and train reads the
+    same types back."""
+    import yaml
+
+    recipe = tmp_path / "cached.yaml"
+    recipe.write_text("sft:\n  kl_reference: cached\n")
+    monkeypatch.setenv("THINKSAFE_RECIPE", str(recipe))
+    plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "yes", "prompt_masking": "0"})
+    assert plan.use_kl is True and plan.prompt_masking is False and plan.kl_reference == "cached"
+    assert plan.devices == ("cpu",) and plan.num_devices == 0
+    steps = []
+    monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((cmd, env)))
+    plan.paths.adapter.mkdir(parents=True)
+    pipeline.train(plan)
+    (cmd, env), = steps
+    assert not {"--use_kl", "--use-kl", "--completion_only_loss", "--kl_reference"} & set(cmd)
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # the device list, joined only for the environment
+    section = yaml.safe_load((plan.paths.run_dir / pipeline.RUN_PLAN).read_text())["sft"]
+    assert section["use_kl"] is True and section["completion_only_loss"] is False
+    assert section["kl_reference"] == "cached"
+    _, _, trained = train_sft.parse_args([*stage_args(cmd), "--device", "cpu", "--report_to", "none"])
+    assert (trained.use_kl, trained.completion_only_loss, trained.kl_reference) == (True, False, "cached")
