@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -47,3 +48,25 @@ def test_wandb_never_online_without_login(monkeypatch, tmp_path):
     # online only when asked, and only after one probe of the server (which this machine cannot reach)
     monkeypatch.setattr("thinksafe.tracking.check_wandb_online", lambda: probed.append(True))
     assert wandb_mode("wandb") == "online" and probed == [True]
+
+
+def test_an_offline_wandb_run_is_finished_before_the_command_stops_its_children(tiny_qwen3, tmp_path):
+    """wandb's service process is a child of the command, which stops every child on its way out: the
+    run must be finished first, or its summary (the final train loss) never reaches the run's files."""
+    import subprocess
+    import sys
+
+    from helpers import FAST_TRAIN, ROOT, train_rows, write_rows
+
+    pytest.importorskip("wandb")
+    data = write_rows(tmp_path / "t.jsonl", train_rows())
+    argv = [*FAST_TRAIN]
+    argv[argv.index("--report-to") + 1] = "offline"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_MODE": "offline",
+           "THINKSAFE_OUTPUT_DIR": str(tmp_path / "out"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "thinksafe", "train", "--model", str(tiny_qwen3), "--dataset",
+                           str(data), *argv], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]  # before: ConnectionResetError at exit
+    (log,) = (tmp_path / "out" / "wandb").glob("offline-run-*/logs/debug-internal.log")
+    assert '"msg":"stream: all finished"' in log.read_text()  # the run's stream closed, not cut off

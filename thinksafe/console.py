@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -42,6 +43,8 @@ def attach_from_env() -> None:
         return
     try:
         descriptor = int(fd)
+        if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+            return  # inherited through a launcher that closed it: that number is some other file now
         os.set_inheritable(descriptor, False)
         _console = os.fdopen(descriptor, "w", buffering=1, encoding="utf-8", errors="replace")
     except (ValueError, OSError):
@@ -145,15 +148,19 @@ class Relay:
     def _pump(self) -> None:
         with os.fdopen(self.read_fd, "r", encoding="utf-8", errors="replace") as lines:
             for raw in lines:
-                text = raw.rstrip("\n")
-                for mark, final in ((PROGRESS_MARK, False), (PROGRESS_END_MARK, True)):
-                    if text.startswith(mark):
-                        body = text[len(mark):]
-                        phase = body.split(":", 1)[0].split(" (", 1)[0]  # "train (loss 1.2): 3/9" -> "train"
-                        self.terminal.progress(self.prefix + body, final, key=self.prefix + phase)
-                        break
-                else:
-                    self.terminal.line(self.prefix + text)
+                try:
+                    self._show(raw.rstrip("\n"))
+                except Exception:  # noqa: BLE001  (a closed or odd terminal: keep draining, or the stage blocks)
+                    continue  # on a full pipe the stage's next write would wait for ever
+
+    def _show(self, text: str) -> None:
+        for mark, final in ((PROGRESS_MARK, False), (PROGRESS_END_MARK, True)):
+            if text.startswith(mark):
+                body = text[len(mark):]
+                phase = body.split(":", 1)[0].split(" (", 1)[0]  # "train (loss 1.2): 3/9" -> "train"
+                self.terminal.progress(self.prefix + body, final, key=self.prefix + phase)
+                return
+        self.terminal.line(self.prefix + text)
 
     def close(self, timeout: float = 5.0) -> None:
         self.child_started()

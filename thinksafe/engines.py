@@ -97,7 +97,6 @@ def _cut_reference(reference, ids: list[int], length: int):
         return None
     import numpy as np
 
-
     ref_ids, logprobs, tail = reference
     return TopK(np.asarray(ids[:length], dtype=np.int32), ref_ids[:length], logprobs[:length], tail[:length])
 
@@ -156,13 +155,11 @@ class HFGenerator(Generator):
         self.reference_topk = reference_topk
 
     def eos_ids(self) -> list[int]:
-
         return eos_token_ids(self.model.generation_config, self.tokenizer)
 
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         import numpy as np
         import torch
-
 
         on_cpu = self.model.device.type == "cpu"
         if on_cpu:
@@ -273,7 +270,6 @@ class VLLMGenerator(Generator):
         import torch
         from vllm import LLM
 
-
         path = resolve_model_path(model_source)
         super().__init__(model_source, family, load_tokenizer(path, trust_remote_code=trust_remote_code))
         self.reference_topk = reference_topk
@@ -327,7 +323,6 @@ class VLLMGenerator(Generator):
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         from vllm import SamplingParams
 
-
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -374,7 +369,6 @@ def vllm_topk(position_logprobs, k: int):
     """
     import numpy as np
 
-
     ids = np.zeros((len(position_logprobs), k), dtype=np.int32)
     logprobs = np.zeros((len(position_logprobs), k), dtype=np.float32)
     for position, entries in enumerate(position_logprobs):
@@ -399,7 +393,6 @@ def context_length(model_source: str) -> tuple[int | None, str]:
     loading it; (None, '') where no config says (the check is then left to the engine)."""
     import json
     from pathlib import Path
-
 
     path = Path(resolve_model_path(model_source))
     config_file = path / "config.json"
@@ -438,7 +431,6 @@ def check_fits_context(model_source: str, family: Family, prompts: list[str], ma
     longest = 0
     if prompts:
         if tokenizer is None:
-
             tokenizer = load_tokenizer(resolve_model_path(model_source), trust_remote_code=trust_remote_code)
         candidates = sorted(set(prompts), key=len, reverse=True)[:LONGEST_PROMPTS_CHECKED]
         longest = max(len(generation_prompt_ids(tokenizer, p, family, enable_thinking)) for p in candidates)

@@ -249,7 +249,6 @@ def _exit_code() -> int:
 def _leave(code: int, line: str | None) -> None:
     if line:
         try:
-
             say(f"\n{line}", error=True)
         except Exception:  # the way out must not fail on the way it prints
             print(f"\n{line}", file=sys.stderr, flush=True)
@@ -262,12 +261,10 @@ def _leave(code: int, line: str | None) -> None:
 
 
 def _watchdog() -> None:
-
     _leave(_exit_code(), INTERRUPTED)
 
 
 def _on_signal(signum, _frame) -> None:
-
     _signals_seen.append(signum)
     if len(_signals_seen) > 1:  # a second Ctrl-C: out now
         _leave(_exit_code(), INTERRUPTED)
@@ -281,7 +278,6 @@ def _on_signal(signum, _frame) -> None:
 
 
 def _exit_at_once(signum, _frame) -> None:
-
     _signals_seen.append(signum)
     _leave(_exit_code(), INTERRUPTED)
 
@@ -302,7 +298,6 @@ def run_entry_point(module: str) -> None:
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
-
         _leave(_exit_code(), INTERRUPTED)
     code = main()
     # From here on a signal ends the process at once: the work is done or unwound; raised as a
@@ -315,5 +310,21 @@ def run_entry_point(module: str) -> None:
         # children (an engine, its workers) never outlive the command; and an engine's exit hooks
         # are skipped once it is stopped (they could wait on it for ever)
         _leave(code, None)
+    finish_trackers()  # before its service process, one of the descendants, is stopped
     stop_descendants()  # a finished command leaves no process behind either
     sys.exit(code)
+
+
+def finish_trackers() -> None:
+    """wandb runs its service (wandb-core) as a child of this process, in offline mode too, and the
+    Trainer leaves its run to wandb's exit hook: finish the run and shut the service down here, or
+    stopping the descendants would lose the run's last rows and summary."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    try:
+        if getattr(wandb, "run", None) is not None:
+            wandb.finish()
+        wandb.teardown()
+    except Exception as err:  # noqa: BLE001  (a tracker's failure never fails a finished command)
+        print(f"warning: wandb did not shut down cleanly: {err}", file=sys.stderr)

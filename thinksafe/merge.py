@@ -85,7 +85,6 @@ def merge_adapter(adapter: Path, output: Path, base: str | None = None, dtype: s
     import torch
     from peft import PeftModel
 
-
     if dtype not in MERGE_DTYPES:
         raise MergeError(f"merge dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
     base = base or base_model_of(adapter)

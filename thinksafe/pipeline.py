@@ -105,7 +105,10 @@ def train(plan: RunPlan) -> None:
         config = CONFIG_DIR / "accelerate" / "multi_gpu.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(plan.num_devices), "-m", "thinksafe", "train", *args]
-    run_step("train", cmd, plan.paths.logs / "train.log", env=device_env(",".join(plan.devices)))
+    # several processes under accelerate: the ranks never get the console pipe (the launcher may close
+    # it, and a rank would then write into whatever file took its number); their output is in the log
+    run_step("train", cmd, plan.paths.logs / "train.log", env=device_env(",".join(plan.devices)),
+             **({"relay": False} if plan.num_devices > 1 else {}))
     if not plan.paths.adapter.exists():
         raise StepFailed(f"train finished but wrote no adapter at {plan.paths.adapter}")
 

@@ -63,7 +63,6 @@ def _load_dataset(source: str):
                 check_json_file(path)  # datasets' own parse error names no line
             return _quiet_local_load(LOCAL_FORMATS[path.suffix.lower()], path)
         if source in PROMPT_SOURCES or "/" in source:
-
             require_reachable_dataset(target, "synthesis prompts")
             return load_dataset(target, split=HUB_SPLIT)
     except ThinksafeError:
@@ -81,7 +80,6 @@ def check_json_file(path: Path) -> None:
     """A .json file holding one JSON document, or a .json/.jsonl file of JSON lines; anything else is
     one line naming the file and the line."""
     import json
-
 
     text = read_text(path)
     if path.suffix.lower() == ".json":

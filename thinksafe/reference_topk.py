@@ -95,7 +95,6 @@ def write_store(path: Path, entries: dict[str, TopK], k: int, meta: dict | None 
     save_file(arrays, str(staging), metadata=metadata)
     import os
 
-
     with open(staging, "rb") as handle:
         os.fsync(handle.fileno())
     give_normal_mode(staging)  # safetensors writes 0600 whatever the umask

@@ -45,12 +45,18 @@ def open_log(log: Path, cmd: list[str]):
     return handle
 
 
-def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> None:
-    """Run one step into its log; its own lines (or, verbose, all its output) on the terminal."""
+def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None, relay: bool = True) -> None:
+    """Run one step into its log; its own lines (or, verbose, all its output) on the terminal.
+    `relay` False: no console pipe (a launcher of several processes: only the start and end show)."""
     TERMINAL.line(f"\n[{name}] started; log: {log}")
     start = time.time()
     with open_log(log, cmd) as handle:
-        code = _tee(cmd, handle, env) if verbose_from_env() else _quiet(cmd, handle, env, name)
+        if verbose_from_env():
+            code = _tee(cmd, handle, env)
+        elif relay:
+            code = _quiet(cmd, handle, env, name)
+        else:
+            code = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env).wait()
     if code != 0:
         if not verbose_from_env():
             print(log_tail(log), file=sys.stderr, flush=True)

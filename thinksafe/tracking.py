@@ -47,7 +47,6 @@ def wandb_mode(report_to: str = "auto") -> str:
         return os.environ["WANDB_MODE"]
     if report_to == "wandb":
         if not wandb_logged_in():
-
             raise ThinksafeError("--report-to wandb: not logged in (run `wandb login` or set WANDB_API_KEY); "
                                  "or log offline with --report-to offline")
         check_wandb_online()
@@ -89,7 +88,6 @@ def check_wandb_online() -> None:
     import urllib.error
     import urllib.request
 
-
     base = _wandb_base_url()
     if base in _checked_online:
         return
@@ -118,7 +116,6 @@ def check_wandb_online() -> None:
 
 def wandb_dir() -> Path:
     """wandb writes <dir>/wandb/<run>; ours go beside data/, runs/ and results/."""
-
     target = output_root().resolve()
     target.mkdir(parents=True, exist_ok=True)
     return target

@@ -62,7 +62,6 @@ class EvaluationArguments:
     report_to: str = field(default="auto", metadata={"choices": REPORT_CHOICES, "help": "wandb mode"})
 
     def __post_init__(self):
-
         if not self.model or not self.tasks:
             raise ConfigError("--model and --tasks are required")
         if isinstance(self.tasks, (list, tuple)):  # a YAML list in a recipe or run record

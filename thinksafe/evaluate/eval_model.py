@@ -66,7 +66,6 @@ def resolve_eval_model(model: str, run_name: str | None = None, model_type: str 
 
 
 def _adapter_model(model: str, path: Path, run_name: str | None, model_type: str | None) -> EvalModel:
-
     base = base_model_of(path)
     family, name, is_base = dir_identity(path, base, run_name, model_type)
     config = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -156,7 +155,6 @@ def loadable_source(model: EvalModel) -> str:
 
 
 def make_policy_generator(model: EvalModel, backend, args):
-
     common = {"device": args.device, "batch_size": args.batch_size, "seed": args.seed,
               "tensor_parallel_size": args.tensor_parallel_size,
               "gpu_memory_utilization": args.gpu_memory_utilization}

@@ -96,7 +96,6 @@ def check_contexts(jobs: list[Job], model: EvalModel) -> None:
         if job.via_skythought or not job.items:
             continue
         if tokenizer is None:
-
             tokenizer = load_tokenizer(resolve_model_path(model.source))
         check_fits_context(model.source, model.family, [item.prompt for item in job.items],
                            job.sampling.max_new_tokens, flag=f"{job.task.name}: --max-new-tokens", tokenizer=tokenizer)

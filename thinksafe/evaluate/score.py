@@ -54,7 +54,6 @@ def reasoning_metrics(rows: list[dict], correct_by_item: dict[str, list[bool]]) 
 
 
 def score_safety(job: Job, rows: list[dict], family: Family, guard) -> dict:
-
     labels = {item.id: item.label for item in job.items}
     questions = {item.id: item.question for item in job.items}
     texts = [judged_text(r["response"], family, job.task.judge_input) for r in rows]
@@ -77,7 +76,6 @@ def judge_info(job: Job, guard) -> dict:
 
 
 def load_guard(name: str, args, work_tokens: int):
-
     vllm_kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}
     return load(name, device=args.device, backend=args.backend, work_tokens=work_tokens, **vllm_kwargs)
 
@@ -128,7 +126,6 @@ def write_results(job: Job, model: EvalModel, result: dict, judge: dict | None, 
 
 
 def run_skythought(job: Job, model: EvalModel, args) -> dict:
-
     start = time.time()
     source = loadable_source(model)
     result_dir = job.task_dir / "skythought"

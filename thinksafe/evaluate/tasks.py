@@ -304,7 +304,6 @@ def _read_local(path: Path) -> list[dict]:
 def _load_hub(task: TaskSpec) -> list[dict]:
     import datasets
 
-
     hub = task.hub
     require_reachable_dataset(hub.id, f"task {task.name} (or pass --data-file {task.name}=FILE)")
     try:

@@ -95,7 +95,6 @@ class VLLMBackend:
                  gpu_memory_utilization: float = 0.9, dtype: str | None = None):
         from vllm import LLM
 
-
         self.llm = LLM(model=path, max_model_len=max_model_len, max_logprobs=VLLM_TOP_LOGPROBS,
                        **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
 

@@ -54,7 +54,6 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
         validate_guard_name(name_or_path, style)
     spec = spec_for(name_or_path, style)
 
-
     try:
         chosen_backend = "transformers" if model is not None else pick_backend(backend, work_tokens, job=GUARD).name
     except (ValueError, RuntimeError) as err:

@@ -96,7 +96,6 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = argparse.ArgumentParser(prog="thinksafe report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default=None, help="results root (default: the registry's, outputs/results)")
     parser.add_argument("--out", default=None, help="where summary.{md,csv,png} go (default: the results root)")

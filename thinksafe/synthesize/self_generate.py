@@ -92,7 +92,6 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
 
 
 def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
-
     try:
         work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
         return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),

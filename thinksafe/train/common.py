@@ -238,7 +238,6 @@ def idle_cpu_threads_callback():
     busy machine gets its threads back when the other job ends, and the other way round."""
     from transformers import TrainerCallback
 
-
     class IdleCpuThreads(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             use_idle_cpu_threads(every_s=CPU_THREADS_RECHECK_S)

@@ -87,7 +87,6 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
     """Raw records from a local JSONL/JSON file or directory, or a hub dataset's train split."""
     import datasets
 
-
     path = Path(source)
     if spec.kind in ("self", "local"):
         files = local_files(source)
@@ -95,7 +94,6 @@ def read_records(spec: DatasetSpec, source: str) -> list[dict]:
             raise DatasetError(f"{path} holds no .jsonl file")
         return [record for file in files for record in read_jsonl(file)]  # errors name file:line
     else:
-
         require_reachable_dataset(source, "training")
         try:
             loaded = datasets.load_dataset(source, split="train")
@@ -213,7 +211,6 @@ def drop_unclosed(rows: list[TrainRow], family) -> tuple[list[TrainRow], int]:
 
 
 def _closes_its_block(response: str, family) -> bool:
-
     normalized = normalize_response(response, family)
     return normalized.closed or not normalized.has_think
 
@@ -326,7 +323,6 @@ def cache_key(rows: list[TrainRow], tokenizer, family_name: str, use_kl: bool,
 
 
 def tokenized_cache_dir() -> Path:
-
     return cache_dir() / "tokenized"
 
 
@@ -349,7 +345,6 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
     """
     import datasets
 
-
     key = cache_key(rows, tokenizer, family.name, use_kl, reference[1] if reference else None)
     target = (cache_root or tokenized_cache_dir()) / key
     with distributed_state().main_process_first():
@@ -366,7 +361,6 @@ def build_train_dataset(rows: list[TrainRow], tokenizer, family, use_kl: bool, c
             try:
                 _save_tokenized(dataset, drops, target)
             except OSError as err:
-
                 if err.errno not in FILESYSTEM_REFUSALS:
                     raise
                 raise DatasetError(f"cannot write the tokenisation cache {target.parent} ({err.strerror}): set "

@@ -98,7 +98,6 @@ def parse_args(argv: list[str] | None) -> GRPORun:
 
 def load_reward_guard(args: GRPOArguments, device: str):
     if args.guard_server_url:
-
         return server_guard(args.guard_server_url, args.guard)
 
     # transformers next to the policy: a colocated vLLM engine would compete for the same memory
@@ -130,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     if run.args.plan is not None:
         return print_plan(run)
     from trl import GRPOTrainer, get_peft_config
-
 
     model_cfg, args, config, spec, paths = run.model, run.args, run.config, run.spec, run.paths
     config.start_tracking()  # wandb set up (and an online run's key checked) before any work
@@ -193,7 +191,6 @@ def run_info(run: GRPORun, dataset_spec, prompts: int, dropped: int, guard, chec
 
 
 def write_cost(paths, cost: dict, report_to: list[str]) -> None:
-
     atomic_write_json(paths.run_dir / COST_FILE, cost)
     # the trainer's wandb run (if any) is finished: the cost goes to its own run in the grpo group
     log_metrics(paths.name, {f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float))},

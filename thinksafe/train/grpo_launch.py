@@ -97,6 +97,5 @@ def check_guard_name(guard: str) -> None:
 
 
 def check_server_guard(guard: str, style: str | None = None) -> None:
-
     if spec_for(guard, style).kind is not LogprobGuard:
         raise TrainConfigError(f"--guard {guard}: the guard server scores P(safe), so it must be a Llama-Guard model")

@@ -92,7 +92,6 @@ def liger_kernels(sft) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     started = time.time()
     # Everything that can be checked without a model is checked first: arguments, device, data.
     model_cfg, run, sft = parse_args(argv)
