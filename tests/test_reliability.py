@@ -379,3 +379,33 @@ def test_13_an_empty_synthesis_counts_what_was_judged(tiny_qwen3, tmp_path):
     assert judged > 0 and "kept 0 of 0 responses" not in message
     assert f"the guard kept 0 of the 0 complete responses it judged ({stats['generated']['total']} generated" in message
     assert f"the {judged} unfinished benign responses judged for the KL term" in message
+
+
+def test_1_a_command_refused_just_after_the_holder_took_the_lock_still_names_it(tmp_path):
+    """The holder writes its record just after taking the lock (and a dead holder's record may still be
+    there): a command refused in that moment waits for the record rather than naming `pid ?` (seen in
+    CI when two synthesis commands started at once)."""
+    import fcntl
+    import json
+    import os
+    import socket
+
+    from thinksafe.locks import DirectoryInUse
+
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = lock_path(directory)
+    # a lock file left by a holder that died, then taken by a live one that has not written yet
+    path.write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(), "command": "dead one"}) + "\n")
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "thinksafe synthesize"})
+    writer = threading.Timer(0.3, lambda: (os.ftruncate(fd, 0), os.pwrite(fd, (record + "\n").encode(), 0)))
+    writer.start()
+    try:
+        with pytest.raises(DirectoryInUse, match=rf"in use by pid {os.getpid()} \(thinksafe synthesize\)"):
+            with writer_lock(directory, "--out"):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)

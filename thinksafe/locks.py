@@ -36,6 +36,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from thinksafe.io import require_writable_dir
 
 HOLDER_ENV = "THINKSAFE_LOCK_HOLDER"  # the pid of a pipeline whose children write under its locks
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+HOLDER_PATIENCE_S = 2.0  # how long a refused command waits for the holder's record to name it
 
 
 class DirectoryInUse(ThinksafeError):
@@ -91,6 +93,33 @@ def _read_holder(fd: int) -> dict:
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def _current_holder(fd: int, patience_s: float = HOLDER_PATIENCE_S) -> dict:
+    """The record of the process holding the lock. It writes it just after taking the lock, so a
+    command that finds the lock taken a moment ago may read nothing yet, or the record of an earlier
+    holder that died: read again, for a moment, until the record names a running process."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        holder = _read_holder(fd)
+        if _names_a_running_process(holder) or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.05)
+
+
+def _names_a_running_process(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") not in (None, socket.gethostname()):
+        return True  # another machine's process: not ours to look up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # running, as another user
+    return True
 
 
 def _describe(holder: dict) -> str:
@@ -170,7 +199,7 @@ def _take(fd: int, directory: Path, path: Path, what: str) -> str:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_holder(fd)
+        holder = _current_holder(fd)
         if _inherited(holder):
             return "inherited"
         raise DirectoryInUse(f"{what} {directory} is in use by {_describe(holder)}: wait for it to finish "
