@@ -12,7 +12,7 @@ import pytest
 
 from thinksafe.cli import main as cli
 from thinksafe.evaluate import run as ev
-from thinksafe.registry import RunConfig, resolve_model, run_paths
+from thinksafe.registry import run_paths
 
 
 def rows_file(tmp_path, n=4, response="<think>\nsome reasoning here\n</think>\n\nthe answer", varied=False):
@@ -110,6 +110,10 @@ def train_rows(n: int = 4, tag: str = "") -> list[dict]:
             for i in range(n)]
 
 
-def train_paths(model_dir: Path, dataset: Path):
-    spec = resolve_model(str(model_dir))
-    return run_paths(RunConfig(model=spec, dataset=str(dataset), rank=4, epochs=1))
+def train_paths(model_dir: Path, dataset: Path, flags: list[str] = FAST_TRAIN):
+    """Where `thinksafe train --model model_dir --dataset dataset *flags` trains (the registry's name:
+    readable parts + the hash of its other settings), resolved as train resolves it."""
+    from thinksafe.train import sft
+
+    model_cfg, run, trained = sft.parse_args(["--model", str(model_dir), "--dataset", str(dataset), *flags])
+    return run_paths(sft.run_config(model_cfg, run, trained))

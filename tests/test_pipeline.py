@@ -40,7 +40,8 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     # the KL run's name, and what `train` parses from the run record, come from the recipe's sft section
     kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
     assert sft["kl_on_unfinished"] is True and kl_plan.kl_on_unfinished is True and kl_plan.use_kl is True
-    assert kl_plan.paths.name == plan.paths.name + "_kl_unfinished" and plan.kl_on_unfinished is False
+    readable = plan.paths.name.rsplit("_h", 1)[0]  # then the settings hash, another for the KL run
+    assert kl_plan.paths.name.startswith(readable + "_kl_unfinished_h") and plan.kl_on_unfinished is False
     steps.clear()
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((name, cmd, log)))
     kl_plan.paths.adapter.mkdir(parents=True)  # what a finished train step leaves

@@ -126,7 +126,7 @@ def test_plan_defaults_match_paper_interface(output_root):
     plan = resolve_plan({"devices": "cpu"}, check_devices=False)
     assert (plan.model_type, plan.size, plan.dataset, plan.use_kl, plan.prompt_masking,
             plan.rank, plan.epochs) == ("qwen", "0.6B", "thinksafe", False, True, 32, 3)
-    assert plan.paths.name == "qwen3-0.6B_thinksafe_r32_ep3_mask"
+    assert re.fullmatch(r"qwen3-0\.6B_thinksafe_r32_ep3_mask_h[0-9a-f]{8}", plan.paths.name)
     assert plan.guard == "llama-guard-3"
 
 

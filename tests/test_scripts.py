@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from thinksafe.registry import RunConfig, base_run_name, resolve_model, run_paths, synthesized_data_dir
+from thinksafe.registry import RunConfig, base_run_name, paths_for_name, resolve_model, run_paths, synthesized_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -109,8 +110,10 @@ def test_plan_paths_match_python_registry(tmp_path):
     os.environ["THINKSAFE_OUTPUT_DIR"] = str(tmp_path)
     try:
         model = resolve_model("r1-distill", "7B")
-        paths = run_paths(RunConfig(model, "thinksafe", prompt_masking=False, rank=16, use_kl=True, epochs=2))
-        assert plan["run_name"] == paths.name == "r1-distill-7B_thinksafe_r16_ep2_kl"
+        readable = run_paths(RunConfig(model, "thinksafe", prompt_masking=False, rank=16, use_kl=True, epochs=2)).name
+        assert readable == "r1-distill-7B_thinksafe_r16_ep2_kl"
+        assert re.fullmatch(rf"{readable}_h[0-9a-f]{{8}}", plan["run_name"])  # + the hash of the other settings
+        paths = paths_for_name(plan["run_name"])
         for key, value in paths.to_dict().items():
             if key != "name":
                 assert plan[f"path_{key}"] == value

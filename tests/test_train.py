@@ -45,7 +45,8 @@ def test_two_steps_change_adapter_not_base(fixture, flags, request, tmp_path, ou
     captured = {}
     assert run_train(model_dir, dataset, *flags, capture=captured, monkeypatch=monkeypatch) == 0
     run_dir = only_run_dir(output_root)
-    assert run_dir.name.endswith(("_mask" if "false" not in flags else "_ep1") + ("_kl" if "--use-kl" in flags else ""))
+    readable = run_dir.name.rsplit("_h", 1)[0]  # the settings hash follows the readable parts
+    assert readable.endswith(("_mask" if "false" not in flags else "_ep1") + ("_kl" if "--use-kl" in flags else ""))
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["log_history"][-1]["step"] == 2
     logged = {k for entry in info["log_history"] for k in entry}

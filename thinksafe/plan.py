@@ -30,9 +30,9 @@ from thinksafe.registry import (
     parse_positive_int,
     resolve_dataset,
     resolve_model,
-    run_paths,
     synthesized_data_dir,
 )
+from thinksafe.train.common import locate_run
 from thinksafe.train.sft import content_settings, run_config
 from thinksafe.train.sft import parse_args as parse_sft
 
@@ -138,9 +138,10 @@ class RunPlan:
         return flat
 
 
-def resolve_plan(args: dict, check_devices: bool = True) -> RunPlan:
+def resolve_plan(args: dict, check_devices: bool = True, overrides: dict | None = None) -> RunPlan:
     """Positional script arguments (None/'' = default) -> typed values, run name and paths. Each text
-    argument is converted here, once; nothing downstream parses it again."""
+    argument is converted here, once; nothing downstream parses it again. `overrides`: typed training
+    settings laid over the recipes (a grid's seed or learning rate; TRL's field names)."""
     given = given_arguments(args)
     family, size = family_and_size(given)
     use_kl = parse_bool(given["use_kl"], "use_kl")
@@ -156,14 +157,15 @@ def resolve_plan(args: dict, check_devices: bool = True) -> RunPlan:
     except (RegistryError, GuardError) as err:
         raise PlanError(f"dataset: {err}") from None
     model_cfg, run, sft, cfg = training_config(family.name, size, given["dataset"], use_kl, prompt_masking, rank,
-                                               epochs)
+                                               epochs, overrides)
     data_dir = synthesized_data_dir(model, dataset.source) if dataset.kind == "self" else None
     return RunPlan(
         devices=devices, model_type=family.name, size=size, model=model.source, dataset=given["dataset"],
         dataset_kind=dataset.kind, dataset_source=dataset.source, use_kl=sft.use_kl,
         prompt_masking=sft.completion_only_loss, rank=cfg.rank, epochs=cfg.epochs,
         kl_on_unfinished=cfg.kl_on_unfinished, kl_weighting=cfg.kl_weighting,
-        kl_reference=cfg.kl_reference if sft.use_kl else None, paths=run_paths(cfg), base=base_paths(model),
+        kl_reference=cfg.kl_reference if sft.use_kl else None,
+        paths=locate_run(cfg, content_settings(model_cfg, sft)), base=base_paths(model),
         record=record(family.name, model_cfg, run, sft), guard=dataset.source if dataset.kind == "self" else None,
         data_dir=data_dir)
 
@@ -191,11 +193,11 @@ def family_and_size(given: dict):
 
 
 def training_config(family: str, size: str, dataset: str, use_kl: bool, prompt_masking: bool, rank: int | None,
-                    epochs: int | None):
+                    epochs: int | None, overrides: dict | None = None):
     """The typed config `train` will parse (recipe and all), so the plan names the run as train does.
     The positional values go in typed, laid over the recipes; the device is fixed to the CPU so that
     planning never depends on the machine that plans (train resolves its own device when it runs)."""
-    typed = {"use_kl": use_kl, "completion_only_loss": prompt_masking,
+    typed = {**(overrides or {}), "use_kl": use_kl, "completion_only_loss": prompt_masking,
              **({"lora_r": rank} if rank is not None else {}),
              **({"num_train_epochs": float(epochs)} if epochs is not None else {})}
     model_cfg, run, sft = parse_sft(["--model", family, "--size", size, "--dataset", dataset, "--device", "cpu"],
@@ -207,7 +209,8 @@ def record(family: str, model_cfg, run, sft) -> dict:
     """The run record's stage sections: what each stage is given, typed (pipeline writes it as YAML
     and passes it as `--config`); the stages read their family's recipe themselves."""
     sft_section = {"model_name_or_path": model_cfg.model_name_or_path, "size": model_cfg.size,
-                   "dataset": run.dataset, **content_settings(model_cfg, sft)}
+                   "dataset": run.dataset, **content_settings(model_cfg, sft),
+                   **({"run_name": sft.run_name} if sft.run_name else {})}  # an explicit name travels too
     # evaluate reads no family recipe itself (a model dir's family is known from its record): it gets
     # the family's evaluation settings here; the pipeline gives each task its own --tasks.
     return {"family": family, "sft": sft_section, "evaluate": recipe_values(family, "evaluate")}

@@ -60,12 +60,16 @@ from thinksafe.registry.runs import (  # noqa: F401
     base_paths,
     base_run_name,
     check_lora_rank,
+    check_run_name,
     grpo_run_name,
+    legacy_run_name,
+    legacy_run_paths,
     output_root,
     paths_for_name,
     results_root,
     run_name,
     run_paths,
+    settings_hash,
     synthesized_data_dir,
 )
 
@@ -99,6 +103,10 @@ __all__ = [
     "resolve_model",
     "results_root",
     "run_name",
+    "legacy_run_name",
+    "legacy_run_paths",
+    "check_run_name",
+    "settings_hash",
     "run_paths",
     "synthesized_data_dir",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,10 @@ class RunConfig:
     kl_weighting: str = DEFAULT_KL_WEIGHTING  # with use_kl: KL_WEIGHTINGS
     kl_reference: str = DEFAULT_KL_REFERENCE  # with use_kl: KL_REFERENCES
     max_steps: int | None = None  # a run cut short by --max-steps is not the full epN run: named apart
+    # The hash of every other setting that decides what the run learns (learning rate, seed, batch,
+    # LoRA targets, ...: `settings_hash`); None only for the names runs had before it (legacy_run_name).
+    settings_hash: str | None = None
+    name: str | None = None  # an explicit run name (`run_name` in a recipe or --run_name): used as given
 
     def __post_init__(self):
         if self.kl_weighting not in KL_WEIGHTINGS:
@@ -64,10 +71,44 @@ class RunConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RegistryError(f"{name} must be a positive integer, got {value!r}")
         check_lora_rank(self.rank)
+        if self.name is not None:
+            check_run_name(self.name)
+
+
+# A run name is one directory under runs/ and results/: no separators, no leading dot (hidden staging dirs).
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+HASH_LENGTH = 8  # 32 bits: a collision needs ~65k runs of one model, data and variant
+
+
+def check_run_name(name: str) -> str:
+    if not RUN_NAME_PATTERN.fullmatch(name):
+        raise RegistryError(f"run name {name!r} must be 1-200 letters, digits, '.', '_', '+' or '-', "
+                            "starting with a letter or digit")
+    return name
+
+
+def settings_hash(settings: dict) -> str:
+    """A short stable hash of the settings that decide a run's result: JSON with sorted keys, so the same
+    values give the same hash on any machine and in any order they were given (5e-4 and 0.0005 are one
+    float before they get here)."""
+    text = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
 def run_name(cfg: RunConfig) -> str:
-    """e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
+    """The readable parts people compare (legacy_run_name) then `h<hash>` of every other setting that
+    decides the run: two runs differing only in learning rate or seed get two directories, the same
+    settings always the same one. e.g. qwen3-0.6B_thinksafe_r32_ep3_mask_kl_h1a2b3c4d. An explicit
+    `cfg.name` is used as given."""
+    if cfg.name:
+        return cfg.name
+    readable = legacy_run_name(cfg)
+    return f"{readable}_h{cfg.settings_hash}" if cfg.settings_hash else readable
+
+
+def legacy_run_name(cfg: RunConfig) -> str:
+    """The readable parts (all a run's name had before the settings hash; runs trained then keep it),
+    e.g. qwen3-0.6B_thinksafe_r32_ep3_mask, qwen3-0.6B_thinksafe_r32_ep3_mask_kl,
     smollm2-135M_thinksafe_r16_ep3_mask_kl_unfinished (KL also on cut benign samples: other data),
     qwen3-0.6B_thinksafe_r32_ep3_mask_kl_tokenw (KL with token weighting instead of the paper's rows),
     qwen3-0.6B_thinksafe_r32_ep3_mask_klcached (KL against the top-k stored at synthesis: an approximation),
@@ -133,6 +174,12 @@ def paths_for_name(name: str, root: Path | None = None) -> RunPaths:
 
 def run_paths(cfg: RunConfig, root: Path | None = None) -> RunPaths:
     return paths_for_name(run_name(cfg), root)
+
+
+def legacy_run_paths(cfg: RunConfig, root: Path | None = None) -> RunPaths | None:
+    """Where a run with these readable parts was trained before names carried the settings hash
+    (None for an explicitly named run, whose name never changed)."""
+    return None if cfg.name else paths_for_name(legacy_run_name(cfg), root)
 
 
 def base_paths(model: ModelSpec, root: Path | None = None) -> RunPaths:

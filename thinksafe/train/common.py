@@ -16,7 +16,14 @@ from pathlib import Path
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import atomic_write_json, give_tree_normal_mode, read_json, require_writable_dir, swap_in
 from thinksafe.model_loading import CPU_THREADS_RECHECK_S, use_idle_cpu_threads
-from thinksafe.registry import DEFAULT_KL_REFERENCE, RunPaths, parse_positive_int
+from thinksafe.registry import (
+    DEFAULT_KL_REFERENCE,
+    RunConfig,
+    RunPaths,
+    legacy_run_paths,
+    parse_positive_int,
+    run_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +128,23 @@ def record_differences(previous: dict | None, record: dict) -> str:
             part += f" ({previous.get('dataset')} -> {record.get('dataset')})"
         parts.append(part)
     return "; ".join(parts)
+
+
+def locate_run(cfg: RunConfig, settings: dict) -> RunPaths:
+    """runs/<name> (readable parts + settings hash), or the directory a run with the same settings was
+    trained in before names carried the hash: a rerun of it skips or resumes there instead of
+    training it again. An old run whose recorded settings differ, or that recorded none, is left alone."""
+    paths, legacy = run_paths(cfg), legacy_run_paths(cfg)
+    if paths.run_dir.exists() or legacy is None or not legacy.run_dir.is_dir():
+        return paths
+    previous = read_run_record(legacy.run_dir)
+    if previous is None:
+        return paths
+    recorded = {**SETTINGS_ADDED_LATER, **previous.get("settings", {})}
+    same = all(recorded.get(key) == value for key, value in settings.items())
+    if same:
+        logger.info("%s: trained before run names carried the settings hash; using it", legacy.run_dir)
+    return legacy if same else paths
 
 
 def has_checkpoints(paths: RunPaths) -> bool:

@@ -17,12 +17,13 @@ from thinksafe.locks import writer_lock
 from thinksafe.model_loading import check_model_source, default_dtype, load_model, load_tokenizer, use_idle_cpu_threads
 from thinksafe.progress import trainer_progress_callback
 from thinksafe.recipes import parse_training
-from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, run_paths
+from thinksafe.registry import TOKEN_WEIGHTING, RunConfig, resolve_model, settings_hash
 from thinksafe.train.common import (
     TrainConfigError,
     distributed_state,
     finish_run,
     idle_cpu_threads_callback,
+    locate_run,
     place_trainer,
     prepare_run_dir,
     resume_checkpoint,
@@ -62,12 +63,28 @@ def parse_args(argv: list[str] | None, typed: dict | None = None) -> tuple[Think
 
 
 def run_config(model_cfg: ThinkSafeModelConfig, run: RunArguments, sft: ThinkSafeSFTConfig) -> RunConfig:
-    """What names the run (registry.run_name)."""
+    """What names the run (registry.run_name): the readable parts, the hash of the rest of the settings,
+    or the name a recipe or `--run_name` gives (TRL's field)."""
     spec = resolve_model(model_cfg.model_name_or_path, model_cfg.size, model_type=model_cfg.model_type)
     return RunConfig(model=spec, dataset=run.dataset, prompt_masking=sft.completion_only_loss, rank=model_cfg.lora_r,
                      use_kl=sft.use_kl, epochs=int(sft.num_train_epochs), kl_on_unfinished=sft.kl_on_unfinished,
                      kl_weighting=sft.kl_weighting, kl_reference=sft.kl_reference,
-                     max_steps=sft.max_steps if sft.max_steps > 0 else None)
+                     max_steps=sft.max_steps if sft.max_steps > 0 else None,
+                     settings_hash=settings_hash(identity_settings(model_cfg, sft)), name=sft.run_name or None)
+
+
+# Settings that only matter with KL: a CE run given another kl_reference learns the same thing.
+KL_ONLY_SETTINGS = ("kl_on_unfinished", "kl_weighting", "kl_reference")
+
+
+def identity_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -> dict:
+    """What the run name's hash covers: every content setting, less the KL ones when there is no KL
+    (the model and the data are the name's readable parts; the data's content hash is checked against
+    run_record.json instead, since self-generated data does not exist yet when the run is planned)."""
+    settings = content_settings(model_cfg, sft)
+    if not settings["use_kl"]:
+        settings = {key: value for key, value in settings.items() if key not in KL_ONLY_SETTINGS}
+    return settings
 
 
 def content_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -> dict:
@@ -77,10 +94,10 @@ def content_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -
     return {key: getattr(value, "value", value) for key, value in values.items()}
 
 
-def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, data) -> dict:
+def run_record(model_cfg, run: RunArguments, sft, cfg: RunConfig, paths, data) -> dict:
     """What run_record.json holds: the family, the dataset's content hash and every setting that decides the run."""
     settings = content_settings(model_cfg, sft)
-    return {"dataset": run.dataset, "family": cfg.model.family.name, "run_name": run_paths(cfg).name,
+    return {"dataset": run.dataset, "family": cfg.model.family.name, "run_name": paths.name,
             "settings": {"model": cfg.model.source, "dataset_sha256": data.sha256, **settings},
             # how, not what: outside "settings", so a resume on other hardware may differ here
             "kernels": liger_kernels(sft)}
@@ -99,21 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     if not run.dataset:
         raise TrainConfigError("--dataset is required")
     cfg = run_config(model_cfg, run, sft)
-    spec, paths = cfg.model, run_paths(cfg)
+    spec, paths = cfg.model, locate_run(cfg, content_settings(model_cfg, sft))
     check_model_source(spec.source)
     data = read_train_rows(run.dataset, spec, sft.use_kl, kl_on_unfinished=sft.kl_on_unfinished)
     reference = cached_reference(sft, data, run.dataset, spec)
     distributed_state(sft.target_device)  # before anything asks which process is the main one
     with writer_lock(paths.run_dir, "run directory"):  # one writer per run, before anything in it is touched
-        return train_run(model_cfg, run, sft, cfg, data, reference, started)
+        return train_run(model_cfg, run, sft, cfg, paths, data, reference, started)
 
 
-def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunConfig, data, reference,
+def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunConfig, paths, data, reference,
               started: float) -> int:
-    """Train into the run dir, whose writer lock the caller holds."""
+    """Train into the run dir `paths`, whose writer lock the caller holds."""
 
-    spec, paths = cfg.model, run_paths(cfg)
-    work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, data), run.skip_finished)
+    spec = cfg.model
+    work = prepare_run_dir(paths, run.overwrite, run_record(model_cfg, run, sft, cfg, paths, data),
+                           run.skip_finished)
     if work is None:
         say(f"{paths.run_dir} already finished with the same data and settings: skipping training")
         return 0
