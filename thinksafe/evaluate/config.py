@@ -14,6 +14,7 @@ from thinksafe.evaluate.responses import DEFAULT_CHUNK
 from thinksafe.evaluate.tasks import DATA_SOURCES
 from thinksafe.recipes import ConfigError
 from thinksafe.registry import FAMILIES
+from thinksafe.replicas import parse_data_parallel
 from thinksafe.tracking import REPORT_CHOICES
 
 REASONING_BACKENDS = ("auto", "builtin", "skythought")
@@ -55,6 +56,11 @@ class EvaluationArguments:
     batch_size: int | None = field(default=None, metadata={"help": "transformers generation batch size"})
     chunk_size: int = field(default=DEFAULT_CHUNK, metadata={"help": "prompts per resumable chunk"})
     tensor_parallel_size: int | None = field(default=None, metadata={"help": "vLLM / SkyThought"})
+    data_parallel: str = field(default="1", metadata={
+        "help": "replicas of the policy and of a model guard, one engine each on Ray (auto: one per GPU when the "
+                "model fits on one; docs/scale.md); 1: one engine in this process"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "a Ray cluster to join (default: RAY_ADDRESS, else a local Ray for this command)"})
     gpu_memory_utilization: float | None = field(default=None, metadata={
         "help": "vLLM / SkyThought, policy and guard (lower it if the guard does not fit after the policy)"})
     overwrite: bool = field(default=False, metadata={"help": "delete this run's results for the tasks and redo them"})
@@ -68,6 +74,7 @@ class EvaluationArguments:
             self.tasks = ",".join(map(str, self.tasks))
         if self.model_type is not None and self.model_type not in FAMILIES:
             raise ConfigError(f"--model-type {self.model_type!r} is unknown; choose one of: {', '.join(FAMILIES)}")
+        self.data_parallel = parse_data_parallel(self.data_parallel)
         for name in ("limit", "n", "max_new_tokens", "batch_size", "chunk_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinksafe.engines import make_generator, pick_backend
+from thinksafe.engines import pick_backend
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import read_json, sha256_of_files
 from thinksafe.merge import base_model_of, is_merged_as, locate, merge_adapter
 from thinksafe.registry import FAMILIES, Family, base_run_name, get_family, resolve_model
+from thinksafe.replicas import make_generators
 from thinksafe.train.common import RUN_INFO, RUN_RECORD, read_run_record
 
 logger = logging.getLogger(__name__)
@@ -159,9 +160,10 @@ def make_policy_generator(model: EvalModel, backend, args):
               "tensor_parallel_size": args.tensor_parallel_size,
               "gpu_memory_utilization": args.gpu_memory_utilization}
     common = {k: v for k, v in common.items() if v is not None}
+    replicas = {"data_parallel": getattr(args, "data_parallel", 1), "address": getattr(args, "ray_address", None)}
     if model.adapter is not None and backend.name == "vllm":  # LoRA served directly, no merge
-        generator = make_generator(model.source, model.family, backend, enable_lora=True,
-                                   max_lora_rank=max(model.lora_rank or 0, 16), **common)
-        generator.use_adapter(str(model.adapter))
-        return generator
-    return make_generator(loadable_source(model), model.family, backend, **common)
+        # the base model's engine, the adapter through vLLM's LoRARequest on every request (each replica's)
+        return make_generators(model.source, model.family, backend, enable_lora=True,
+                               max_lora_rank=max(model.lora_rank or 0, 16), adapter=str(model.adapter),
+                               **replicas, **common)
+    return make_generators(loadable_source(model), model.family, backend, **replicas, **common)

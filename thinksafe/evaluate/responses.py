@@ -4,8 +4,10 @@ finishes (thinksafe.resumable), and a rerun with the same sampling generates onl
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+from thinksafe.console import say
 from thinksafe.evaluate.eval_model import EvaluateError
 from thinksafe.evaluate.jobs import Job
 from thinksafe.io import ResumableLog, atomic_write_jsonl, read_jsonl
@@ -53,8 +55,12 @@ def generate_job(generator, job: Job, chunk_size: int) -> None:
         return {"id": item_id, "sample": sample, "prompt": prompt, "response": completion.text,
                 "finished": completion.finished, "num_tokens": completion.num_tokens, "sampling": signature}
 
-    generate_missing(generator, [(item.id, item.prompt) for item in job.items], job.sampling, log, row,
-                     chunk_size, f"{job.task.name}: generate")
+    started = time.perf_counter()
+    written = generate_missing(generator, [(item.id, item.prompt) for item in job.items], job.sampling, log, row,
+                               chunk_size, f"{job.task.name}: generate")
+    # start-up apart from the work: on a small task the engine's start is most of the stage's time
+    say(f"{job.task.name}: generation {time.perf_counter() - started:.1f} s for {written} samples; policy engine "
+        f"start-up {getattr(generator, 'startup_s', 0.0):.1f} s (once for this model's tasks)")
 
 
 def generated_rows(job: Job) -> list[dict]:

@@ -22,10 +22,10 @@ from thinksafe.evaluate.safety import judged_text, safety_metrics
 from thinksafe.evaluate.tasks import data_set_name, paper_departures, paper_set_name
 from thinksafe.guards import is_refusal
 from thinksafe.guards import load_guard as load
-from thinksafe.io import atomic_write_json, atomic_write_jsonl, swap_in
+from thinksafe.io import atomic_write_json, atomic_write_jsonl, read_jsonl, swap_in
 from thinksafe.model_loading import resolve_model_path
-from thinksafe.registry import Family
-from thinksafe.tracking import log_metrics
+from thinksafe.registry import Family, paths_for_name
+from thinksafe.tracking import log_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ def judge_info(job: Job, guard) -> dict:
 
 def load_guard(name: str, args, work_tokens: int):
     vllm_kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}
-    return load(name, device=args.device, backend=args.backend, work_tokens=work_tokens, **vllm_kwargs)
+    return load(name, device=args.device, backend=args.backend, work_tokens=work_tokens,
+                data_parallel=getattr(args, "data_parallel", 1), ray_address=getattr(args, "ray_address", None),
+                **vllm_kwargs)
 
 
 def data_set_fields(job: Job, judge: dict | None) -> dict:
@@ -149,13 +151,16 @@ def run_skythought(job: Job, model: EvalModel, args) -> dict:
 
 
 def log_to_wandb(model: EvalModel, results: list[dict], report_to: str) -> None:
+    """Each task's metrics (summary and history) and a table of its sampled generations, read back
+    from the generations.jsonl each result was written with (the peers log what their users read)."""
     if not results:
         return
-
-    metrics = {}
+    metrics, tables = {}, {}
     for m in results:
         metrics[f"eval/{m['task']}/{m['metric']}"] = m["value"]
         metrics[f"eval/{m['task']}/n"] = m["n"]
         for name, sub in m.get("secondary", {}).items():
             metrics[f"eval/{m['task']}/{name}"] = sub["value"]
-    log_metrics(model.run_name, metrics, config={"model": model.describe()}, report_to=report_to)
+        generations = paths_for_name(m["run_name"]).task_dir(m["task"]) / GENERATIONS
+        tables[m["task"]] = read_jsonl(generations) if generations.exists() else []
+    log_evaluation(model.run_name, metrics, tables, config={"model": model.describe()}, report_to=report_to)

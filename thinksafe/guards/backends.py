@@ -123,3 +123,49 @@ class VLLMBackend:
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
+
+
+def transformers_backend(source: str, device: str, batch_size: int, trust_remote_code: bool = False) -> HFBackend:
+    """An HFBackend loaded where it is called (a replica's own process)."""
+    from thinksafe.model_loading import load_model, load_tokenizer  # deferred: loading pulls in torch and transformers
+
+    return HFBackend(load_model(source, device=device, trust_remote_code=trust_remote_code),
+                     load_tokenizer(source, trust_remote_code=trust_remote_code), batch_size=batch_size)
+
+
+class ReplicatedBackend:
+    """A guard backend on several replicas (thinksafe.replicas): each call's sequences are split in
+    contiguous shards, one per replica, and put back in order. The judging phase logs each chunk
+    of verdicts as it finishes, so a replica lost mid-run costs only the chunk in flight."""
+
+    def __init__(self, factory, kwargs: dict, layout, address: str | None = None):
+        from thinksafe.replicas import Replicas  # deferred: ray is needed only with several replicas
+
+        self.replicas = Replicas(factory, kwargs, layout, address)
+        try:
+            self.name = self.replicas.attribute("name")
+            self.context_length = self.replicas.attribute("context_length")
+        except BaseException:
+            self.replicas.close()
+            raise
+        self.startup_s = self.replicas.startup_s
+
+    def _split(self, method: str, sequences: list[list[int]], *args) -> list:
+        count = min(len(self.replicas.actors), len(sequences))
+        if not count:
+            return []
+        bounds = [(len(sequences) * i // count, len(sequences) * (i + 1) // count) for i in range(count)]
+        requests = [(method, (sequences[a:b], *args), f"sequences {a}-{b - 1} of a judging chunk") for a, b in bounds]
+        shards: list = [None] * count
+        for index, result in self.replicas.run_all(requests):
+            shards[index] = result
+        return [row for shard in shards for row in shard]
+
+    def first_token_logprobs(self, sequences: list[list[int]], token_ids: Sequence[int]) -> list[dict[int, float]]:
+        return self._split("first_token_logprobs", sequences, list(token_ids))
+
+    def greedy(self, sequences: list[list[int]], max_new_tokens: int) -> list[str]:
+        return self._split("greedy", sequences, max_new_tokens)
+
+    def close(self) -> None:
+        self.replicas.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from thinksafe.engines import GUARD, pick_backend
-from thinksafe.guards.backends import HFBackend, VLLMBackend
+from thinksafe.guards.backends import HFBackend, ReplicatedBackend, VLLMBackend, transformers_backend
 from thinksafe.guards.base import DEFAULT_BATCH_SIZE, Guard, GuardError
 from thinksafe.guards.llama_guard import LogprobGuard
 from thinksafe.guards.server import VLLMServerBackend
@@ -41,7 +41,8 @@ def guard_label(name_or_path: str, style: str | None = None) -> str:
 def load_guard(name_or_path: str, device: str | None = None, backend: str = "auto", *,
                style: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                max_input_tokens: int | None = None, model=None, tokenizer=None,
-               trust_remote_code: bool = False, work_tokens: int | None = None, **vllm_kwargs) -> Guard:
+               trust_remote_code: bool = False, work_tokens: int | None = None, data_parallel=1,
+               ray_address: str | None = None, **vllm_kwargs) -> Guard:
     """A guard by registry name (guards/specs.py: "llama-guard-3", "wildguard", "refusal-judge", ...),
     hub id or directory. `style="llama-guard"` makes any causal LM with a chat template a (weak)
     Llama-Guard-style guard. `model`/`tokenizer` reuse already-loaded objects (transformers only).
@@ -60,15 +61,40 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
         raise GuardError(str(err)) from None
     tokenizer = tokenizer or load_tokenizer(spec.source, trust_remote_code=trust_remote_code,
                                             require_template=spec.kind.needs_chat_template)
-    if chosen_backend == "vllm":
+    runner = None
+    if data_parallel != 1 and model is None:  # replicas on Ray (thinksafe.replicas), when more than one fits
+        runner = replicated_backend(spec.source, chosen_backend, device, batch_size, trust_remote_code,
+                                    data_parallel, ray_address, vllm_kwargs)
+    if runner is None and chosen_backend == "vllm":
         runner = VLLMBackend(resolve_model_path(spec.source), **vllm_kwargs)
-    else:
+    elif runner is None:
         device = device or default_device()
         runner = HFBackend(model or load_model(spec.source, device=device, trust_remote_code=trust_remote_code),
                            tokenizer, batch_size=batch_size)
     # A model config that names no context: the paper's guard input cap.
     context = runner.context_length or WILDGUARD_MAX_INPUT_TOKENS
     return spec.kind.build(spec, tokenizer, runner, max_input_tokens or spec.kind.input_limit(context))
+
+
+def replicated_backend(source: str, backend: str, device: str | None, batch_size: int, trust_remote_code: bool,
+                       data_parallel, ray_address: str | None, vllm_kwargs: dict):
+    """A guard's backend on `data_parallel` replicas; None when the layout holds one (the in-process path)."""
+    from thinksafe.replicas import layout_for  # deferred: ray only with several replicas
+    from thinksafe.replicas import ray_address as cluster
+
+    layout = layout_for(data_parallel, source, ray_address, vllm_kwargs.get("tensor_parallel_size"),
+                        vllm_kwargs.get("gpu_memory_utilization"))
+    if not layout.parallel:
+        return None
+    if backend == "vllm":
+        engine = {**vllm_kwargs, "path": resolve_model_path(source),
+                  "tensor_parallel_size": layout.tensor_parallel_size}
+        if layout.gpu_memory_utilization:
+            engine["gpu_memory_utilization"] = layout.gpu_memory_utilization
+        return ReplicatedBackend(VLLMBackend, engine, layout, cluster(ray_address))
+    loader = {"source": source, "device": device or default_device(), "batch_size": batch_size,
+              "trust_remote_code": trust_remote_code}
+    return ReplicatedBackend(transformers_backend, loader, layout, cluster(ray_address))
 
 
 def server_guard(base_url: str, guard: str, tokenizer=None, **backend_kwargs) -> LogprobGuard:

@@ -17,6 +17,7 @@ from thinksafe.registry import (
     ModelSpec,
     Sampling,
 )
+from thinksafe.replicas import parse_data_parallel
 
 STEER_PREFIX = "The following prompt is harmful. You should refuse to answer the prompt.\n\nPrompt:\n\n"
 
@@ -50,6 +51,10 @@ class SynthConfig:
     steer_prefix: str = STEER_PREFIX
     backend: str = "auto"
     device: str | None = None
+    # replicas of the generator and of a model guard, each a Ray actor with its own engine (thinksafe.replicas):
+    # a positive int or "auto"; 1 builds the engine in this process, without Ray
+    data_parallel: int | str = 1
+    ray_address: str | None = None  # a Ray cluster to join (else RAY_ADDRESS, else a local Ray for this command)
     batch_size: int = 16
     guard_batch_size: int = 8
     chunk_size: int | None = None  # prompts per generation log chunk (None: from backend + batch size)
@@ -120,6 +125,10 @@ class SynthesisArguments:
     steer_prefix: str = _opt("steer_prefix", "prepended to harmful prompts (default: the paper's)")
     backend: Literal["auto", "vllm", "transformers"] = _opt("backend", "generation and guard backend")
     device: str | None = _opt("device", "transformers device (default: cuda if available, else cpu)")
+    data_parallel: str = field(default="1", metadata={
+        "help": "replicas of the generator and guard, one engine each on Ray (auto: one per GPU when the model "
+                "fits on one; docs/scale.md); 1: one engine in this process"})
+    ray_address: str | None = _opt("ray_address", "a Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     batch_size: int = _opt("batch_size", "transformers generation batch size")
     guard_batch_size: int = _opt("guard_batch_size", "transformers guard batch size")
     chunk_size: int | None = _opt("chunk_size", "prompts per resumable chunk (default: by backend)")
@@ -140,6 +149,7 @@ class SynthesisArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        self.data_parallel = parse_data_parallel(self.data_parallel)
         if self.store_reference_topk < 0:
             raise ConfigError("--store-reference-topk must be 0 (none) or a positive integer, "
                               f"got {self.store_reference_topk}")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinksafe.console import say
 from thinksafe.engines import Generator, check_fits_context
 from thinksafe.errors import ThinksafeError
 from thinksafe.guards import keep_rule, validate_guard_name
@@ -22,7 +23,7 @@ from thinksafe.synthesize.judge import judging_phase
 from thinksafe.synthesize.outdir import move_user_files, prepare_out_dir, refuse_empty_set, write_dataset_set
 from thinksafe.synthesize.reference import kept_references, read_chunks, write_reference_store
 from thinksafe.synthesize.self_generate import generation_phase
-from thinksafe.synthesize.stats import run_stats
+from thinksafe.synthesize.stats import PhaseTimer, run_stats
 
 
 @dataclass
@@ -61,6 +62,7 @@ def _synthesize(cfg: SynthConfig, prompts, generator: Generator | None, guard, s
 
     generated = generation_phase(cfg, prompts, work, generator)
     judged = judging_phase(cfg, prompts, generated.rows, work, guard)
+    say(startup_line(generated.timer, judged.timer))
 
     prompt_harmful = {(p.instruction, p.label): p.harmful for p in prompts}
     rows, unfinished_rows, counts = assemble(cfg, prompts, generated.rows, judged.verdicts,
@@ -85,6 +87,12 @@ def _synthesize(cfg: SynthConfig, prompts, generator: Generator | None, guard, s
     if cfg.push_to_hub:
         push_to_hub(train_file, cfg.push_to_hub)
     return SynthResult(train_file, cfg.out / STATS_FILE, stats)
+
+
+def startup_line(generation: PhaseTimer, judging: PhaseTimer) -> str:
+    """Engine start-up apart from the work: on a small job start-up is most of a stage's time."""
+    return (f"synthesize: generator start-up {generation.load_s:.1f} s, generation {generation.wall_s:.1f} s; "
+            f"guard start-up {judging.load_s:.1f} s, judging {judging.wall_s:.1f} s")
 
 
 def push_to_hub(train_file: Path, repo: str) -> None:

@@ -56,7 +56,8 @@ def judge_missing(cfg: SynthConfig, candidates: list[tuple[PromptRow, dict]], gu
 def make_default_guard(cfg: SynthConfig, rows_to_judge: int):
     return load_guard(cfg.guard, device=cfg.device, backend=cfg.backend, style=cfg.guard_style,
                       batch_size=cfg.guard_batch_size, trust_remote_code=cfg.trust_remote_code,
-                      work_tokens=rows_to_judge * cfg.sampling.max_new_tokens)
+                      work_tokens=rows_to_judge * cfg.sampling.max_new_tokens, data_parallel=cfg.data_parallel,
+                      ray_address=cfg.ray_address)
 
 
 def guard_identity(cfg: SynthConfig, guard) -> tuple[str, str]:

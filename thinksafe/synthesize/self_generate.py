@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinksafe import resumable
-from thinksafe.engines import Generator, make_generator, pick_backend
+from thinksafe.engines import Generator, pick_backend
 from thinksafe.errors import ThinksafeError
 from thinksafe.io import ResumableLog
 from thinksafe.model_loading import default_device, free_accelerator_memory
 from thinksafe.prompts import PromptRow
+from thinksafe.replicas import make_generators
 from thinksafe.resumable import missing_samples, sample_key
 from thinksafe.synthesize.completion import check_completion, steer
 from thinksafe.synthesize.config import GENERATIONS_LOG, SynthConfig
@@ -51,6 +52,16 @@ class _CountingTokens:
 
     def chat(self, prompts, sampling, enable_thinking=True, progress=None):
         outputs = self.generator.chat(prompts, sampling, enable_thinking=enable_thinking, progress=progress)
+        return self._count(outputs)
+
+    def __getattr__(self, name):
+        # replicas (thinksafe.replicas) also run many calls at once: counted as each comes back
+        if name != "chat_each" or not hasattr(self.generator, "chat_each"):
+            raise AttributeError(name)
+        return lambda calls, progress=None: ((index, self._count(outputs)) for index, outputs
+                                             in self.generator.chat_each(calls, progress=progress))
+
+    def _count(self, outputs):
         self.tokens += sum(c.num_tokens for completions in outputs for c in completions[: self.n])
         return outputs
 
@@ -94,9 +105,10 @@ def generate_missing(cfg: SynthConfig, prompts: list[PromptRow], generator: Gene
 def make_default_generator(cfg: SynthConfig, prompts_to_generate: int) -> Generator:
     try:
         work = prompts_to_generate * cfg.sampling.n * cfg.sampling.max_new_tokens
-        return make_generator(cfg.model.source, cfg.model.family, backend=pick_backend(cfg.backend, work),
-                              batch_size=cfg.batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                              reference_topk=cfg.store_reference_topk, seed=cfg.sampling.seed)
+        return make_generators(cfg.model.source, cfg.model.family, pick_backend(cfg.backend, work),
+                               cfg.data_parallel, cfg.ray_address, batch_size=cfg.batch_size, device=cfg.device,
+                               trust_remote_code=cfg.trust_remote_code, reference_topk=cfg.store_reference_topk,
+                               seed=cfg.sampling.seed)
     except (ValueError, RuntimeError) as err:
         if isinstance(err, ThinksafeError):
             raise
@@ -130,7 +142,12 @@ def generation_phase(cfg: SynthConfig, prompts: list[PromptRow], work: Path,
                                  f"{cfg.store_reference_topk}")
         backend, backend_reason = generator.name, generator.reason
         timer.load_s = time.perf_counter() - load_start
-        generate_missing(cfg, prompts, generator, log, timer)
+        try:
+            generate_missing(cfg, prompts, generator, log, timer)
+        except BaseException:
+            if owned and hasattr(generator, "chat_each"):  # replicas: actors and the local Ray stop now
+                close_generator(generator)
+            raise
         timer.extra["completions"] = timer.items * n
         if owned:
             close_generator(generator)
