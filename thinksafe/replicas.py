@@ -431,6 +431,14 @@ def layout_for(data_parallel, model_source: str | None, address: str | None = No
                        gpu_memory_utilization=gpu_memory_utilization or 0.9, cluster=bool(address))
 
 
+def check_fits_here(data_parallel, tensor_parallel_size: int | None = None, address: str | None = None) -> None:
+    """`--data-parallel N` against the GPUs this command sees, when the option is parsed (before any output
+    is touched); a cluster's GPUs are counted once Ray is joined, `auto` once the model's size is known."""
+    if data_parallel in (1, AUTO) or ray_address(address):
+        return
+    plan_layout(data_parallel, cluster_gpus(None), tensor_parallel_size=tensor_parallel_size)
+
+
 def make_generators(model_source: str, family, backend, data_parallel=1, address: str | None = None, **kwargs):
     """`engines.make_generator`, or `layout.replicas` of it on Ray when more than one replica is asked for
     (and, for `auto`, when this command has more than one GPU's worth); kwargs go to each engine."""

@@ -14,7 +14,7 @@ from thinksafe.evaluate.responses import DEFAULT_CHUNK
 from thinksafe.evaluate.tasks import DATA_SOURCES
 from thinksafe.recipes import ConfigError
 from thinksafe.registry import FAMILIES
-from thinksafe.replicas import parse_data_parallel
+from thinksafe.replicas import check_fits_here, parse_data_parallel
 from thinksafe.tracking import REPORT_CHOICES
 
 REASONING_BACKENDS = ("auto", "builtin", "skythought")
@@ -75,6 +75,7 @@ class EvaluationArguments:
         if self.model_type is not None and self.model_type not in FAMILIES:
             raise ConfigError(f"--model-type {self.model_type!r} is unknown; choose one of: {', '.join(FAMILIES)}")
         self.data_parallel = parse_data_parallel(self.data_parallel)
+        check_fits_here(self.data_parallel, self.tensor_parallel_size, self.ray_address)
         for name in ("limit", "n", "max_new_tokens", "batch_size", "chunk_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -92,11 +92,12 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, path: str, max_model_len: int | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, dtype: str | None = None):
+                 gpu_memory_utilization: float = 0.9, dtype: str | None = None, enforce_eager: bool = False):
         from vllm import LLM
 
         self.llm = LLM(model=path, max_model_len=max_model_len, max_logprobs=VLLM_TOP_LOGPROBS,
-                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization))
+                       **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization,
+                                          enforce_eager=enforce_eager))
 
     @classmethod
     def from_engine(cls, llm) -> VLLMBackend:

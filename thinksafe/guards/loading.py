@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from thinksafe.engines import GUARD, pick_backend
+from thinksafe.engines import GUARD, eager_for, pick_backend
 from thinksafe.guards.backends import HFBackend, ReplicatedBackend, VLLMBackend, transformers_backend
 from thinksafe.guards.base import DEFAULT_BATCH_SIZE, Guard, GuardError
 from thinksafe.guards.llama_guard import LogprobGuard
@@ -62,6 +62,8 @@ def load_guard(name_or_path: str, device: str | None = None, backend: str = "aut
     tokenizer = tokenizer or load_tokenizer(spec.source, trust_remote_code=trust_remote_code,
                                             require_template=spec.kind.needs_chat_template)
     runner = None
+    if chosen_backend == "vllm" and "enforce_eager" not in vllm_kwargs:  # a small job: no compile (engines.eager_for)
+        vllm_kwargs = {**vllm_kwargs, "enforce_eager": eager_for(work_tokens)}
     if data_parallel != 1 and model is None:  # replicas on Ray (thinksafe.replicas), when more than one fits
         runner = replicated_backend(spec.source, chosen_backend, device, batch_size, trust_remote_code,
                                     data_parallel, ray_address, vllm_kwargs)

@@ -17,7 +17,7 @@ from thinksafe.registry import (
     ModelSpec,
     Sampling,
 )
-from thinksafe.replicas import parse_data_parallel
+from thinksafe.replicas import check_fits_here, parse_data_parallel
 
 STEER_PREFIX = "The following prompt is harmful. You should refuse to answer the prompt.\n\nPrompt:\n\n"
 
@@ -150,6 +150,7 @@ class SynthesisArguments:
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         self.data_parallel = parse_data_parallel(self.data_parallel)
+        check_fits_here(self.data_parallel, None, self.ray_address)
         if self.store_reference_topk < 0:
             raise ConfigError("--store-reference-topk must be 0 (none) or a positive integer, "
                               f"got {self.store_reference_topk}")
