@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "report": ("thinksafe.report", "table and plot across runs"),
     "grpo": ("thinksafe.train.grpo", "GRPO baseline with guard and format rewards"),
     "pipeline": ("thinksafe.pipeline", "synthesize -> train -> merge -> evaluate -> report (train_and_eval.sh)"),
+    "grid": ("thinksafe.grid", "models x variants x seeds (x a sweep) in one command, one report (grid.sh)"),
     "demo-model": ("thinksafe.model_loading", "convert the embedded SmolLM2-135M demo model (first use only)"),
 }
 

@@ -138,10 +138,12 @@ class RunPlan:
         return flat
 
 
-def resolve_plan(args: dict, check_devices: bool = True, overrides: dict | None = None) -> RunPlan:
+def resolve_plan(args: dict, check_devices: bool = True, overrides: dict | None = None,
+                 evaluate_overrides: dict | None = None) -> RunPlan:
     """Positional script arguments (None/'' = default) -> typed values, run name and paths. Each text
-    argument is converted here, once; nothing downstream parses it again. `overrides`: typed training
-    settings laid over the recipes (a grid's seed or learning rate; TRL's field names)."""
+    argument is converted here, once; nothing downstream parses it again. `overrides`: training settings
+    laid over the recipes (a grid's seed or learning rate; TRL's field names), and `evaluate_overrides`
+    the evaluation's (a grid's sampling seed); both travel to the stages in the run record."""
     given = given_arguments(args)
     family, size = family_and_size(given)
     use_kl = parse_bool(given["use_kl"], "use_kl")
@@ -166,7 +168,8 @@ def resolve_plan(args: dict, check_devices: bool = True, overrides: dict | None 
         kl_on_unfinished=cfg.kl_on_unfinished, kl_weighting=cfg.kl_weighting,
         kl_reference=cfg.kl_reference if sft.use_kl else None,
         paths=locate_run(cfg, content_settings(model_cfg, sft)), base=base_paths(model),
-        record=record(family.name, model_cfg, run, sft), guard=dataset.source if dataset.kind == "self" else None,
+        record=record(family.name, model_cfg, run, sft, overrides, evaluate_overrides),
+        guard=dataset.source if dataset.kind == "self" else None,
         data_dir=data_dir)
 
 
@@ -205,15 +208,20 @@ def training_config(family: str, size: str, dataset: str, use_kl: bool, prompt_m
     return model_cfg, run, sft, run_config(model_cfg, run, sft)
 
 
-def record(family: str, model_cfg, run, sft) -> dict:
+def record(family: str, model_cfg, run, sft, overrides: dict | None = None,
+           evaluate_overrides: dict | None = None) -> dict:
     """The run record's stage sections: what each stage is given, typed (pipeline writes it as YAML
-    and passes it as `--config`); the stages read their family's recipe themselves."""
+    and passes it as `--config`); the stages read their family's recipe themselves. Overridden
+    settings travel as parsed (those that change how, not what, too: a grid's batch split)."""
+    parsed = {key: getattr(sft, key, getattr(model_cfg, key, None)) for key in overrides or {}}
     sft_section = {"model_name_or_path": model_cfg.model_name_or_path, "size": model_cfg.size,
-                   "dataset": run.dataset, **content_settings(model_cfg, sft),
+                   "dataset": run.dataset, **{k: getattr(v, "value", v) for k, v in parsed.items()},
+                   **content_settings(model_cfg, sft),
                    **({"run_name": sft.run_name} if sft.run_name else {})}  # an explicit name travels too
     # evaluate reads no family recipe itself (a model dir's family is known from its record): it gets
     # the family's evaluation settings here; the pipeline gives each task its own --tasks.
-    return {"family": family, "sft": sft_section, "evaluate": recipe_values(family, "evaluate")}
+    return {"family": family, "sft": sft_section,
+            "evaluate": {**recipe_values(family, "evaluate"), **(evaluate_overrides or {})}}
 
 
 def text(value) -> str:

@@ -144,3 +144,120 @@ def log_metrics(run_name: str, metrics: dict, config: dict | None = None, report
                      reinit="finish_previous", mode=os.environ["WANDB_MODE"])
     run.log(metrics)
     run.finish()
+
+
+# --- what the peers log: results as summary metrics, sample generations as tables -------------
+
+TABLE_ROWS = 64  # rows sampled into each wandb.Table: enough to read, small enough to sync
+TABLE_SEED = 0  # the same rows every time a run is logged again
+
+
+def sample_rows(rows: list, limit: int = TABLE_ROWS) -> list:
+    """At most `limit` rows, chosen with a fixed seed and kept in their file order."""
+    import random
+
+    if len(rows) <= limit:
+        return list(rows)
+    keep = sorted(random.Random(TABLE_SEED).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def verdict(row: dict) -> str:
+    """One word a reader scans a table by: a reasoning row's check, a safety row's judge and phrase."""
+    if "correct" in row:
+        return row.get("reason") or ("correct" if row["correct"] else "wrong answer")
+    judge = row.get("judge") or {}
+    parts = [str(judge.get("raw") or ("safe" if judge.get("safe") else "unsafe"))] if judge else []
+    if row.get("refusal_phrase") is not None:
+        parts.append("refusal phrase" if row["refusal_phrase"] else "no refusal phrase")
+    return "; ".join(parts)
+
+
+GENERATION_COLUMNS = ("id", "sample", "label", "prompt", "response", "verdict")
+
+
+def generation_table(rows: list[dict]):
+    import wandb
+
+    return wandb.Table(columns=list(GENERATION_COLUMNS), data=[
+        [str(r.get("id")), r.get("sample"), r.get("label"), r.get("prompt"), r.get("response"), verdict(r)]
+        for r in sample_rows(rows)])
+
+
+def start_run(name: str, report_to: str, job_type: str, config: dict | None = None):
+    """A wandb run in the grid's group (WANDB_RUN_GROUP, set by `thinksafe grid`), or None when off."""
+    if not configure_wandb(report_to):
+        return None
+    import wandb
+
+    return wandb.init(project=os.environ["WANDB_PROJECT"], name=name, job_type=job_type, config=config or {},
+                      group=os.environ.get("WANDB_RUN_GROUP") or None, dir=str(wandb_dir()),
+                      reinit="finish_previous", mode=os.environ["WANDB_MODE"])
+
+
+def log_evaluation(run_name: str, metrics: dict, tables: dict[str, list[dict]], config: dict | None = None,
+                   report_to: str = "auto") -> None:
+    """Final metrics as the run's summary (what the wandb table view compares across runs) and in its
+    history, and one table of sampled generations per task (prompt, response, verdict)."""
+    run = start_run(run_name, report_to, "eval", config)
+    if run is None:
+        return
+    try:
+        run.summary.update(metrics)
+        run.log({**metrics, **{f"eval/{task}/samples": generation_table(rows) for task, rows in tables.items()}})
+    finally:
+        run.finish()
+
+
+def csv_table(path: Path):
+    import csv
+
+    import wandb
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        lines = list(csv.reader(handle))
+    return wandb.Table(columns=lines[0], data=lines[1:])
+
+
+def log_grid_report(name: str, files: dict[str, Path], report_to: str = "auto") -> None:
+    """The grid's table (its CSV) and plot, in the grid's group."""
+    run = start_run(f"{name}-report", report_to, "report", {"grid": name})
+    if run is None:
+        return
+    import wandb
+
+    try:
+        run.log({"grid/table": csv_table(files["csv"]), "grid/plot": wandb.Image(str(files["png"]))})
+    finally:
+        run.finish()
+
+
+SYNTHESIS_COLUMNS = ("kept", "prompt_label", "reason", "instruction", "response")
+
+
+def log_synthesis(name: str, stats: dict, kept: list[dict], dropped: list[dict], report_to: str = "auto") -> None:
+    """Synthesis statistics as the run's summary, and a sample of kept and dropped rows as a table."""
+    run = start_run(name, report_to, "synthesize", {"data": name})
+    if run is None:
+        return
+    import wandb
+
+    rows = [[True, r.get("prompt_label"), "kept", r.get("instruction"), r.get("response")] for r in sample_rows(kept)]
+    rows += [[False, r.get("prompt_label"), r.get("reason"), r.get("instruction"), r.get("response")]
+             for r in sample_rows(dropped)]
+    try:
+        run.summary.update(flat_numbers(stats, "synthesis"))
+        run.log({"synthesis/rows": wandb.Table(columns=list(SYNTHESIS_COLUMNS), data=rows)})
+    finally:
+        run.finish()
+
+
+def flat_numbers(value, prefix: str) -> dict:
+    """{'a/b/c': number} of a nested dict's numbers (wandb's summary holds flat keys best)."""
+    if isinstance(value, bool):
+        return {}
+    if isinstance(value, (int, float)):
+        return {prefix: value}
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in flat_numbers(sub, f"{prefix}/{key}").items()}
+    return {}

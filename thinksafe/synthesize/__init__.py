@@ -55,6 +55,8 @@ from thinksafe.synthesize.dataset import BENIGN, GROUPS, HARMFUL, OVER_CAP, RESP
 from thinksafe.synthesize.judge import JUDGE_CHUNK_BATCHES, TEXT_JUDGE_CHUNK
 from thinksafe.synthesize.self_generate import HF_PROMPTS_PER_BATCH_CHUNK, VLLM_CHUNK_PROMPTS
 from thinksafe.synthesize.stats import PhaseTimer
+from thinksafe.synthesize.tables import log_synthesis_tables
+from thinksafe.tracking import wandb_mode
 
 
 def summary(result: SynthResult) -> str:
@@ -114,8 +116,12 @@ def config_from_args(args) -> SynthConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = synthesize(config_from_args(parse_args(argv)))
+    args = parse_args(argv)
+    wandb_mode(args.report_to)  # an online wandb that rejects the key: one line now, not after the work
+    cfg = config_from_args(args)
+    result = synthesize(cfg)
     say(summary(result))
+    log_synthesis_tables(cfg, result.stats_file, args.report_to)
     return 0
 
 

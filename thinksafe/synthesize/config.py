@@ -18,6 +18,7 @@ from thinksafe.registry import (
     Sampling,
 )
 from thinksafe.replicas import check_fits_here, parse_data_parallel
+from thinksafe.tracking import REPORT_CHOICES
 
 STEER_PREFIX = "The following prompt is harmful. You should refuse to answer the prompt.\n\nPrompt:\n\n"
 
@@ -138,6 +139,9 @@ class SynthesisArguments:
     max_new_tokens: int | None = None
     seed: int | None = None
     push_to_hub: str | None = _opt("push_to_hub", "also push train.jsonl as a hub dataset")
+    report_to: str = field(default="auto", metadata={
+        "choices": REPORT_CHOICES, "help": "statistics and sampled kept/dropped rows to wandb: offline (auto), "
+                                           "wandb (online), offline, or none; never prompts"})
     overwrite: bool = _opt("overwrite", "discard logs of an earlier run in --out")
     trust_remote_code: bool = _opt("trust_remote_code")
 
