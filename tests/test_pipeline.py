@@ -21,10 +21,13 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     monkeypatch.delenv("THINKSAFE_RECIPE", raising=False)
     steps = []
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append((name, cmd, log)))
-    plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
+    plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "false"})
 
     sft = recipe_values("demo", "sft")
-    assert plan.rank == sft["lora_r"] and plan.epochs == 3  # the recipe's rank, the paper's epochs (typed)
+    assert plan.rank == sft["lora_r"] and plan.epochs == sft["num_train_epochs"] == 2  # the recipe's (typed)
+    # left empty, use_kl is the recipe's: the demo's first command trains ThinkSafe+KL
+    assert sft["use_kl"] is True and resolve_plan({"devices": "cpu", "model_type": "demo"}).use_kl is True
+    assert resolve_plan({"devices": "cpu", "model_type": "qwen"}, check_devices=False).use_kl is False  # the paper's
     assert plan.guard == "refusal-judge" and plan.devices == ("cpu",) and plan.num_devices == 0
 
     pipeline.synthesize_if_needed(plan)
@@ -93,7 +96,7 @@ def test_existing_data_skips_synthesis_unless_the_kl_run_lacks_its_side_file(mon
     monkeypatch.setenv("THINKSAFE_RECIPE", str(Path(__file__).parent / "data" / "failing_task_recipe.yaml"))
     steps = []
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
-    plan = resolve_plan({"devices": "cpu", "model_type": "demo"})
+    plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "false"})
     kl_plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
     data_file = plan.data_file
     data_file.parent.mkdir(parents=True)
@@ -123,7 +126,7 @@ def test_a_cached_kl_run_has_its_data_synthesized_with_the_base_models_top_k(mon
     monkeypatch.setattr(pipeline, "run_step", lambda name, cmd, log, env=None: steps.append(cmd))
     plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"})
     assert plan.kl_reference == "cached" and "_klcached" in plan.paths.name
-    assert resolve_plan({"devices": "cpu", "model_type": "demo"}).kl_reference is None  # no KL, no reference
+    assert resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "false"}).kl_reference is None  # no KL
 
     pipeline.synthesize_if_needed(plan)
     (cmd,) = steps

@@ -159,20 +159,24 @@ def test_demo_end_to_end_with_tiny_limits(tmp_path, demo_model):
     eval_log = (Path(plan["path_logs"]) / "eval_xstest.log").read_text()
     assert "same settings, skipped" in eval_log.split("=== ")[-1]
 
-    # use_kl=true reuses the data; the demo recipe's sft section turns on KL over the cut benign samples
+    # the first command trains ThinkSafe+KL (the demo recipe): KL also over the cut benign samples
     unfinished = [json.loads(line) for line in (data / "unfinished_benign.jsonl").read_text().splitlines()]
     assert len(unfinished) == stats["unfinished_benign"]["kept"]
     assert all(r["finished"] is False and "benign" in r["prompt_label"] for r in unfinished)
-    kl = run_script("train_and_eval.sh", "cpu", "demo", "", "", "true", env=env, timeout=900)
-    assert kl.returncode == 0, kl.stdout[-3000:] + kl.stderr[-3000:]
-    kl_plan = json.loads(subprocess.run(["python3", "-m", "thinksafe", "plan", "cpu", "demo", "", "", "true",
-                                         "--format", "json"], capture_output=True, text=True, check=True, cwd=ROOT,
-                                        env={**os.environ, **env}).stdout)
-    assert "exists, skipping synthesis" in kl.stdout
-    info = json.loads((Path(kl_plan["path_run_dir"]) / "run_info.json").read_text())
+    info = json.loads((Path(plan["path_run_dir"]) / "run_info.json").read_text())
     assert info["use_kl"] and info["kl_on_unfinished"]
     assert info["kl_rows"] == stats["kept"]["benign"] + len(unfinished)
     assert info["rows"] == stats["kept"]["total"] + len(unfinished)
+
+    # use_kl=false (the paper's default) trains ThinkSafe with CE on the same data, a run of its own
+    ce = run_script("train_and_eval.sh", "cpu", "demo", "", "", "false", env=env, timeout=900)
+    assert ce.returncode == 0, ce.stdout[-3000:] + ce.stderr[-3000:]
+    ce_plan = json.loads(subprocess.run(["python3", "-m", "thinksafe", "plan", "cpu", "demo", "", "", "false",
+                                         "--format", "json"], capture_output=True, text=True, check=True, cwd=ROOT,
+                                        env={**os.environ, **env}).stdout)
+    assert "exists, skipping synthesis" in ce.stdout and ce_plan["run_name"] != plan["run_name"]
+    info = json.loads((Path(ce_plan["path_run_dir"]) / "run_info.json").read_text())
+    assert not info["use_kl"] and info["kl_rows"] == 0 and info["rows"] == stats["kept"]["total"]
 
 
 @pytest.mark.demo

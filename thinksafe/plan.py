@@ -38,7 +38,9 @@ from thinksafe.train.sft import parse_args as parse_sft
 
 # The paper's train_and_eval.sh defaults; size/rank/epochs fall back to the family and its recipe.
 POSITIONAL = ("devices", "model_type", "size", "dataset", "use_kl", "prompt_masking", "rank", "epochs")
-DEFAULTS = {"devices": "0,1,2,3", "model_type": "qwen", "dataset": "thinksafe", "use_kl": "false",
+# use_kl has no default here: left empty it is the family's recipe's (the paper's false for every family
+# but the CPU demo, whose recipe trains ThinkSafe+KL: configs/recipes/demo/sft.yaml says why).
+DEFAULTS = {"devices": "0,1,2,3", "model_type": "qwen", "dataset": "thinksafe",
             "prompt_masking": "true"}
 
 
@@ -146,7 +148,7 @@ def resolve_plan(args: dict, check_devices: bool = True, overrides: dict | None 
     the evaluation's (a grid's sampling seed); both travel to the stages in the run record."""
     given = given_arguments(args)
     family, size = family_and_size(given)
-    use_kl = parse_bool(given["use_kl"], "use_kl")
+    use_kl = parse_bool(given["use_kl"], "use_kl") if given["use_kl"] else None
     prompt_masking = parse_bool(given["prompt_masking"], "prompt_masking")
     rank = parse_positive_int(given["rank"], "rank") if given["rank"] else None
     epochs = parse_positive_int(given["epochs"], "epochs") if given["epochs"] else None
@@ -195,12 +197,13 @@ def family_and_size(given: dict):
     return family, size
 
 
-def training_config(family: str, size: str, dataset: str, use_kl: bool, prompt_masking: bool, rank: int | None,
-                    epochs: int | None, overrides: dict | None = None):
+def training_config(family: str, size: str, dataset: str, use_kl: bool | None, prompt_masking: bool,
+                    rank: int | None, epochs: int | None, overrides: dict | None = None):
     """The typed config `train` will parse (recipe and all), so the plan names the run as train does.
     The positional values go in typed, laid over the recipes; the device is fixed to the CPU so that
     planning never depends on the machine that plans (train resolves its own device when it runs)."""
-    typed = {**(overrides or {}), "use_kl": use_kl, "completion_only_loss": prompt_masking,
+    typed = {**(overrides or {}), **({"use_kl": use_kl} if use_kl is not None else {}),
+             "completion_only_loss": prompt_masking,
              **({"lora_r": rank} if rank is not None else {}),
              **({"num_train_epochs": float(epochs)} if epochs is not None else {})}
     model_cfg, run, sft = parse_sft(["--model", family, "--size", size, "--dataset", dataset, "--device", "cpu"],
