@@ -41,6 +41,7 @@ SLOW_FILES = {
     "test_interrupt.py": "signals around the real engine and the pipeline's stages",
     "test_distributed.py": "two training processes against one",
     "test_scripts.py": "the bash entry points end to end",
+    "test_replicas.py": "a local Ray with engines as actors (each start 10-30 s on 2 cores)",
 }
 
 

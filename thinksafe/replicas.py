@@ -194,14 +194,15 @@ class _Replica:
     its own process, then runs its methods. Made a Ray actor class in `Replicas.start`."""
 
     def __init__(self, factory: Callable, kwargs: dict):
-        started = time.monotonic()
+        self.started_at = time.time()
         self.target = factory(**kwargs)
-        self.startup_s = time.monotonic() - started
+        self.ready_at = time.time()
 
     def ready(self) -> dict:
         import socket
 
-        return {"startup_s": self.startup_s, "pid": os.getpid(), "node": socket.gethostname(),
+        return {"startup_s": self.ready_at - self.started_at, "started_at": self.started_at,
+                "ready_at": self.ready_at, "pid": os.getpid(), "node": socket.gethostname(),
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
     def attribute(self, name: str):
@@ -246,8 +247,16 @@ class Replicas:
             options = {"num_gpus": self.layout.gpus_per_replica, "num_cpus": 0 if self.layout.gpus_per_replica else 1,
                        "max_restarts": 0, "max_task_retries": 0}
             actor_class = ray.remote(_Replica).options(**options)
-            self.actors = [actor_class.remote(factory, kwargs) for _ in range(self.layout.replicas)]
-            self.info = self._wait_ready()
+            if self.layout.gpus_per_replica and self.layout.gpus_per_replica < 1:
+                # Replicas sharing a GPU start one after the other: vLLM sizes its KV cache from the memory
+                # it profiles as free, and two engines profiling at once on one H200 failed ("Engine core
+                # initialization failed", bench/README.md "Engines started once and warm").
+                for _ in range(self.layout.replicas):
+                    self.actors.append(actor_class.remote(factory, kwargs))
+                    self.info.append(self._ready(len(self.actors) - 1))
+            else:  # on their own GPUs (or CPUs) they start together
+                self.actors = [actor_class.remote(factory, kwargs) for _ in range(self.layout.replicas)]
+                self.info = [self._ready(index) for index in range(len(self.actors))]
         except BaseException:
             self.close()
             raise
@@ -256,17 +265,14 @@ class Replicas:
                     ", ".join(f"#{i} {info['node']} GPU {info['gpus'] or '-'} pid {info['pid']}"
                               for i, info in enumerate(self.info)))
 
-    def _wait_ready(self) -> list[dict]:
+    def _ready(self, index: int) -> dict:
         import ray  # deferred: ray is needed only with several replicas
 
-        info = []
-        for index, actor in enumerate(self.actors):
-            try:
-                info.append(ray.get(actor.ready.remote()))
-            except Exception as err:
-                raise ReplicaFailure(f"replica {index} of {len(self.actors)} failed to start: "
-                                     f"{first_line(err)}") from None
-        return info
+        try:
+            return ray.get(self.actors[index].ready.remote())
+        except Exception as err:
+            raise ReplicaFailure(f"replica {index} of {self.layout.replicas} failed to start: "
+                                 f"{first_line(err)}") from None
 
     def where(self, replica: int) -> str:
         info = self.info[replica] if replica < len(self.info) else {}
