@@ -44,7 +44,6 @@ def engine_kwargs(model: Path) -> dict:
 def local_ray():
     """One local Ray for the module (its start is ~10-20 s on 2 cores); a short temp dir (socket paths)."""
     import ray
-
     import replica_helpers
     from ray import cloudpickle
 
@@ -52,7 +51,8 @@ def local_ray():
     cloudpickle.register_pickle_by_value(replica_helpers)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # logical CPUs: each CPU replica asks for one, and a module-wide pool holds two while others start
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp)
+    # and one logical GPU (none is there): replicas sharing a GPU are scheduled as on the H200
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, _temp_dir=temp)
     yield temp
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -198,3 +198,32 @@ def test_bad_data_parallel_values_are_one_line_and_exit_2(capsys):
         assert main(["synthesize", "--model", "demo", "--data-parallel", value]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: --data-parallel must be a positive integer or auto, got '{value}'"]
+
+
+def test_replicas_sharing_a_gpu_start_one_after_the_other(local_ray, tiny_qwen3):
+    """Two vLLM engines profiling the free memory of one GPU at once failed on the H200: replicas that
+    share a GPU (a fractional num_gpus) start in turn; Ray places both on the one (logical) GPU."""
+    shared = GeneratorReplicas(make_generator, engine_kwargs(tiny_qwen3), Layout(2, 1, 0.5, 0.45, "test"))
+    try:
+        first, second = shared.replicas.info
+        assert second["started_at"] >= first["ready_at"]
+        assert first["gpus"] == second["gpus"] == "0"
+    finally:
+        shared.close()
+
+
+def test_a_guard_on_two_replicas_gives_one_guards_verdicts_in_order(local_ray, tiny_qwen3):
+    """The guard path (thinksafe.guards.backends.ReplicatedBackend): each judging chunk split over the
+    replicas and put back in order; the verdicts are those of the in-process guard."""
+    from thinksafe.guards import load_guard
+    from thinksafe.guards.backends import ReplicatedBackend
+
+    prompts = [f"question {i}: how do I do thing {i}?" for i in range(7)]
+    responses = [f"answer {i}: " + ("I'm sorry, I cannot help." if i % 2 else "Here is how.") for i in range(7)]
+    options = {"style": "llama-guard", "device": "cpu", "backend": "transformers", "batch_size": 2}
+    replicated = load_guard(str(tiny_qwen3), data_parallel=2, **options)
+    try:
+        assert isinstance(replicated.backend, ReplicatedBackend)
+        assert replicated.judge(prompts, responses) == load_guard(str(tiny_qwen3), **options).judge(prompts, responses)
+    finally:
+        replicated.backend.close()
