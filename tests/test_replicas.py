@@ -185,6 +185,7 @@ def test_synthesis_on_two_replicas_prints_start_up_apart_and_leaves_no_ray_proce
         assert "2 replica(s)" in done.stdout + done.stderr
         generated = read_jsonl(tmp_path / "data" / "generations.partial.jsonl")
         assert len(generated) == len(read_jsonl(ROOT / "tests/data/smoke_prompts.jsonl"))
+        assert list(Path(temp).rglob("session_*")), "the command's Ray did not run under RAY_TMPDIR"
         time.sleep(1)  # ray.shutdown returns once its processes are signalled
         assert ray_processes(temp) == []
     finally:
