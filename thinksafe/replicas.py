@@ -39,6 +39,7 @@ ONE_GPU_WEIGHT_SHARE = 0.5
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 # Calls queued per replica: one running and one waiting, so an engine never idles for a round trip.
 CALLS_PER_REPLICA = 2
+CLOSE_WAIT_S = 15  # for the engines to stop in order before their actors are killed
 # Environment a replica on another node needs to see as the driver does (a local Ray inherits it all).
 FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "THINKSAFE_", "TRANSFORMERS_", "TOKENIZERS_", "PYTHONPATH")
 
@@ -333,8 +334,8 @@ class Replicas:
                 stops.append(actor.close.remote())
             except Exception:  # an actor already gone: nothing to stop
                 continue
-        try:
-            ray.wait(stops, num_returns=len(stops), timeout=60)
+        try:  # an engine stops in a few seconds; on Ctrl-C the command must end within seconds too
+            ray.wait(stops, num_returns=len(stops), timeout=CLOSE_WAIT_S)
         except Exception:  # a dead actor's stop raises: it is stopped
             pass
         for actor in self.actors:
