@@ -228,3 +228,32 @@ def test_a_guard_on_two_replicas_gives_one_guards_verdicts_in_order(local_ray, t
         assert replicated.judge(prompts, responses) == load_guard(str(tiny_qwen3), **options).judge(prompts, responses)
     finally:
         replicated.backend.close()
+
+
+def test_sigterm_during_replicated_generation_unwinds_as_ctrl_c_and_leaves_no_ray_process(tiny_qwen3, tmp_path):
+    """Ray's core worker installs its own SIGTERM handler in the driver (it logged and aborted: exit 134);
+    the command keeps its own (thinksafe.interrupt): one line, exit 143, and the local Ray stopped."""
+    temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "thinksafe", "synthesize", "--model", str(tiny_qwen3), "--model-type", "qwen",
+           "--prompts", str(ROOT / "tests/data/smoke_prompts.jsonl"), "--guard", "refusal-judge",
+           "--backend", "transformers", "--device", "cpu", "--data-parallel", "2", "--chunk-size", "1",
+           "--samples-per-prompt", "256", "--max-new-tokens", "64", "--out", str(tmp_path / "data")]
+    output = tmp_path / "output.txt"
+    try:
+        with output.open("w") as sink:
+            proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+            deadline = time.monotonic() + 300
+            while "started in" not in output.read_text() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+            time.sleep(2)  # generating on both replicas
+            proc.terminate()
+            code = proc.wait(timeout=120)
+        text = output.read_text()
+        assert code == 143, text[-3000:]
+        assert "interrupted; rerun the same command to resume" in text
+        assert list(Path(temp).rglob("session_*"))
+        time.sleep(1)
+        assert ray_processes(temp) == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

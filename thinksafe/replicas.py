@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,15 +162,31 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    if address:
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    with python_signal_handlers_kept():
+        if address:
+            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+            return True
+        # A local Ray for this command only: no dashboard (its server and agent cost seconds and memory),
+        # and no usage report (the GPU machines have no network).
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         return True
-    # A local Ray for this command only: no dashboard (its server and agent cost seconds and memory),
-    # and no usage report (the GPU machines have no network).
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
+
+
+@contextmanager
+def python_signal_handlers_kept():
+    """Ray's core worker installs its own SIGTERM handler in the driver, which logs and aborts (exit 134,
+    seen here): the command's own handlers (thinksafe.interrupt: SIGTERM unwound like Ctrl-C, the logs
+    and locks closed, exit 143) are put back once Ray is up."""
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in kept.items():
+                if callable(handler):
+                    signal.signal(number, handler)
 
 
 def cluster_gpus(address: str | None) -> int:
