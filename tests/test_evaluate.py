@@ -632,7 +632,8 @@ def recompute(task_dir: Path) -> tuple[float, int]:
 
 def test_evaluate_writes_registry_results(tiny_qwen3, output_root, tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr("thinksafe.evaluate.score.log_metrics", lambda name, metrics, **kw: logged.append((name, metrics)))
+    monkeypatch.setattr("thinksafe.evaluate.score.log_evaluation",
+                        lambda name, metrics, tables, **kw: logged.append((name, metrics, tables)))
     data = write_fixture_data(tmp_path / "data")
     assert evaluate_tiny(tiny_qwen3, "tiny_base", data) == 0
     for task in data:
@@ -654,6 +655,11 @@ def test_evaluate_writes_registry_results(tiny_qwen3, output_root, tmp_path, mon
     rows = read_jsonl(output_root / "results" / "tiny_base" / "gsm8k" / "generations.jsonl")
     assert len(rows) == 6 and {"prompt", "response", "answer", "correct", "reason"} <= set(rows[0])
     assert logged and logged[0][0] == "tiny_base" and "eval/xstest/over_refusal_rate" in logged[0][1]
+    # each task's table rows are its generations.jsonl, as written
+    tables = logged[0][2]
+    assert set(tables) == set(data) and all(
+        tables[t] == [json.loads(line) for line in (output_root / "results" / "tiny_base" / t / "generations.jsonl").open()]
+        for t in data)
     # a second run finds every task done and generates nothing
     monkeypatch.setattr(ev, "make_policy_generator", lambda *a: pytest.fail("regenerated a finished task"))
     assert evaluate_tiny(tiny_qwen3, "tiny_base", data) == 0

@@ -41,14 +41,15 @@ def test_on_cuda_the_default_is_on_only_when_liger_imports(monkeypatch):
 
 
 def test_the_run_record_and_info_say_which_kernels_ran_and_a_resume_may_change_them(tmp_path):
+    from thinksafe.registry import run_paths
     from thinksafe.train.common import record_differences
     from thinksafe.train.sft import run_config, run_record
 
     records = []
     for flags in ((), ("--use_liger_kernel", "true")):
         model_cfg, run, sft = parse(*flags)
-        records.append(run_record(model_cfg, run, sft, run_config(model_cfg, run, sft),
-                                  SimpleNamespace(sha256="0" * 64)))
+        cfg = run_config(model_cfg, run, sft)
+        records.append(run_record(model_cfg, run, sft, cfg, run_paths(cfg), SimpleNamespace(sha256="0" * 64)))
     assert records[0]["kernels"] == {"liger": False, "chosen_by": "default"}
     assert records[1]["kernels"] == {"liger": True, "chosen_by": "flag"}
     # kernels change how a step is computed, not what it learns: not a setting that blocks a resume
