@@ -30,6 +30,7 @@ from thinksafe.report.collect import METRICS_FILE
 from thinksafe.report.grid import GridRow, write_grid_report
 from thinksafe.steps import StepFailed
 from thinksafe.tracking import log_grid_report
+from thinksafe.train.common import is_finished
 
 GROUP_ENV = "WANDB_RUN_GROUP"  # wandb.init reads it: every run of the grid (training, evaluation) in one group
 
@@ -93,7 +94,7 @@ def results_dir(point: GridPoint) -> Path:
 
 
 def is_trained(point: GridPoint) -> bool:
-    return point.variant == BASE or (point.plan.paths.run_dir / "run_info.json").exists()
+    return point.variant == BASE or is_finished(point.plan.paths)
 
 
 def is_evaluated(point: GridPoint) -> bool:

@@ -27,6 +27,7 @@ from thinksafe.report.collect import (
     primary,
     summary_values,
 )
+from thinksafe.report.plot import save_figure, style_rate_axes
 
 GRID_NAME = "grid"
 # Student's t, 97.5th percentile, by degrees of freedom (1-30); beyond, the normal 1.96.
@@ -188,19 +189,8 @@ def write_plot(rows: list[GridRow], cells: dict, axes: tuple, path: Path) -> Non
                            capsize=4, markersize=10, label=f"{row.label} ({x.seeds} seed{'s' * (x.seeds != 1)})")
         ax.scatter([100 * dict(x.per_seed)[s] for s in seeds], [100 * dict(y.per_seed)[s] for s in seeds],
                    alpha=0.35, s=18, color=line[0].get_color())
-    ax.set_xlim(-3, 103)
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
-    ax.set_title("Mean over seeds, 95% intervals (faint: each seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    style_rate_axes(ax, x_label, y_label, "Mean over seeds, 95% intervals (faint: each seed)")
+    save_figure(fig, path)
 
 
 def write_grid_report(rows: list[GridRow], results: Path, out: Path, title: str = "grid") -> dict[str, Path]:

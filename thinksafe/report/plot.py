@@ -71,13 +71,25 @@ def write_plot(runs: dict, path: Path) -> None:
             ax.errorbar([100 * x.value], [100 * y.value], xerr=_errors([x]), yerr=_errors([y]),
                         fmt="*" if base else "o", markersize=14 if base else 8, capsize=4,
                         color="black" if base else None, label=panel["labels"][run])
-        ax.set_xlim(-3, 103)  # rates: the same 0-100 scale for every report
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel(panel["xlabel"])
-        ax.set_ylabel(panel["ylabel"])
-        ax.set_title(panel["title"] + " (95% intervals)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        style_rate_axes(ax, panel["xlabel"], panel["ylabel"], panel["title"] + " (95% intervals)")
+    save_figure(fig, path)
+
+
+def style_rate_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Rates on the same 0-100 scale in every report's plot, labelled, gridded, with a legend."""
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the PNG beside its final name and rename it into place (a reader never sees half a file)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
