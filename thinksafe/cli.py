@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("thinksafe.train.grpo", "GRPO baseline with guard and format rewards"),
     "pipeline": ("thinksafe.pipeline", "synthesize -> train -> merge -> evaluate -> report (train_and_eval.sh)"),
     "grid": ("thinksafe.grid", "models x variants x seeds (x a sweep) in one command, one report (grid.sh)"),
+    "engine": ("thinksafe.shared_engine", "one generation engine for the pipeline's stages (started by the pipeline)"),
     "demo-model": ("thinksafe.model_loading", "convert the embedded SmolLM2-135M demo model (first use only)"),
 }
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except ThinksafeError as err:
         say(f"error: {err}", error=True)
-        return 2
+        return getattr(err, "exit_code", 2)  # a bad input: 2; a failure at run time (a lost replica) says 1
     except KeyboardInterrupt:
         # Every stage writes through resumable logs and atomic renames: the state on disk is valid.
         say(f"\n{INTERRUPTED}", error=True)

