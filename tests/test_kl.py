@@ -13,7 +13,7 @@ IGNORE = -100
 
 
 def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, batch=4, lora_init_scale=0.5,
-                 weighting="row", varied=False):
+                 weighting="row", varied=False, kl_coef=1.0):
     """A KLSFTTrainer on a tiny model with non-zero LoRA weights (so model != base)."""
     from trl import SFTConfig
 
@@ -36,7 +36,7 @@ def make_trainer(model_dir, tmp_path, family, use_kl=True, masking=True, n=4, ba
                      learning_rate=1e-3, lr_scheduler_type="constant")
     trainer = KLSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=make_collator(tokenizer.pad_token_id),
-                           peft_config=lora_config(4, None, 0.0), weighting=weighting)
+                           peft_config=lora_config(4, None, 0.0), weighting=weighting, kl_coef=kl_coef)
     torch.manual_seed(0)
     for name, param in trainer.model.named_parameters():
         if "lora_B" in name:
@@ -68,7 +68,7 @@ def full_logits(trainer, batch, adapter: bool):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def reference_token_losses(trainer, batch):
+def reference_token_losses(trainer, batch, kl_coef=1.0):
     """Independent, from full logits: per-token CE (harmful rows) and KL(base || model) (benign rows).
 
     Returns [B, T-1] losses and the [B, T-1] mask of the positions that count.
@@ -79,12 +79,12 @@ def reference_token_losses(trainer, batch):
     kl_rows = batch["kl"][:, None]
     ce_tok = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
     kl_tok = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1)
-    return torch.where(kl_rows, kl_tok, ce_tok), labels != IGNORE
+    return torch.where(kl_rows, kl_coef * kl_tok, ce_tok), labels != IGNORE
 
 
-def reference_loss(trainer, batches, weighting="row", num_items=None):
+def reference_loss(trainer, batches, weighting="row", num_items=None, kl_coef=1.0):
     """The step's loss over micro-batches: the mean over rows of each row's mean, or over all tokens."""
-    per_batch = [reference_token_losses(trainer, batch) for batch in batches]
+    per_batch = [reference_token_losses(trainer, batch, kl_coef) for batch in batches]
     if weighting == "token":
         total = sum(losses[mask].sum() for losses, mask in per_batch)
         return total / (num_items or sum(int(mask.sum()) for _, mask in per_batch))
@@ -142,6 +142,19 @@ def test_row_weighting_is_the_mean_of_row_means_over_accumulated_micro_batches(t
     torch.testing.assert_close(accumulate(trainer, batches, num_items=123).detach(), expected, rtol=1e-5, atol=1e-5)
     assert trainer.rows_in_step == 4
     assert not torch.allclose(expected, reference_loss(trainer, batches, "token"), rtol=1e-3)  # the rows differ
+
+
+@pytest.mark.parametrize("weighting", ["row", "token"])
+def test_kl_coef_scales_the_kl_term_only(tiny_qwen3, tmp_path, weighting):
+    """kl_coef 3: CE rows as before, each KL token weighs 3x, against the full-logit reference."""
+    trainer, *_ = make_trainer(tiny_qwen3, tmp_path, "qwen", batch=2, weighting=weighting, varied=True, kl_coef=3.0,
+                               lora_init_scale=2.0)
+    batches = micro_batches(trainer)
+    num_items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    expected = reference_loss(trainer, batches, weighting, kl_coef=3.0)
+    assert (expected - reference_loss(trainer, batches, weighting)).abs() > 1e-3  # the KL term is there to scale
+    torch.testing.assert_close(accumulate(trainer, batches, num_items).detach(), expected, rtol=1e-5, atol=1e-5)
+    assert trainer._metrics["train"]["kl_loss"]  # logged before the weight: comparable across kl_coef
 
 
 def test_token_weighting_over_accumulated_micro_batches(tiny_qwen3, tmp_path):

@@ -60,6 +60,27 @@ def test_how_a_run_computes_does_not_change_its_name(output_root):
     kl_cached = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"}, check_devices=False,
                              overrides={"kl_reference": "cached"})
     assert kl.paths.name != kl_cached.paths.name and "klcached" in kl_cached.paths.name
+    assert demo_plan(kl_coef=4.0).paths.name == name  # the KL weight means nothing to a CE run
+
+
+def test_the_kl_weight_names_a_kl_run_and_the_papers_weight_keeps_the_old_hash(output_root):
+    """kl_coef 1 (the paper's loss) is left out of the hash, so KL runs named before the option keep
+    their directory; any other weight is another run."""
+    def kl_plan(**overrides):
+        return resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "true"}, check_devices=False,
+                            overrides=overrides or None)
+
+    default = kl_plan()
+    assert kl_plan(kl_coef=1.0).paths.name == default.paths.name
+    assert "kl_coef" not in sft.identity_settings(*_kl_configs(1.0))
+    assert sft.identity_settings(*_kl_configs(4.0))["kl_coef"] == 4.0
+    assert kl_plan(kl_coef=4.0).paths.name != default.paths.name
+
+
+def _kl_configs(kl_coef: float):
+    model_cfg, _run, sft_cfg = sft.parse_args(["--model", "demo", "--dataset", "thinksafe", "--use_kl", "true",
+                                               "--kl_coef", str(kl_coef)])
+    return model_cfg, sft_cfg
 
 
 def test_an_explicit_run_name_is_used_as_given_and_checked(output_root, capsys):
@@ -123,3 +144,10 @@ def test_an_old_run_with_other_settings_is_not_taken_for_this_one(tiny_qwen3, tm
     assert locate_run(cfg, settings) == run_paths(cfg) != old
     (old.run_dir / RUN_RECORD).write_text(json.dumps({"settings": settings}))  # the same settings: found
     assert locate_run(cfg, settings) == old
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_kl_weight_that_is_not_positive_is_one_line(capsys, value):
+    code, _out, err = run_cli(capsys, "train", "--model", "demo", "--dataset", "thinksafe", "--use_kl", "true",
+                              "--kl_coef", value)
+    one_line_error(code, err, "--kl_coef must be a positive number")

@@ -8,6 +8,7 @@ Aliases keep the scripts' short flags (--rank, --epochs, --prompt-masking) worki
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -118,6 +119,9 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
         "help": "with use_kl: also KL on benign samples cut at the token limit (unfinished_benign.jsonl)"})
     kl_weighting: Literal["row", "token"] = field(default=DEFAULT_KL_WEIGHTING, metadata={
         "help": "with use_kl: 'row' (the paper's: mean over rows of each row's per-token mean) or 'token'"})
+    kl_coef: float = field(default=1.0, metadata={
+        "help": "with use_kl: the KL term's weight against the CE term (the paper's loss: 1; a larger value holds "
+                "the benign rows closer to the base model)"})
     kl_reference: Literal["forward", "cached"] = field(default=DEFAULT_KL_REFERENCE, metadata={
         "help": "with use_kl: the base's distribution from a reference forward each step ('forward', exact) or "
                 "from the top-k stored at synthesis (`synthesize --store_reference_topk K`; 'cached': no "
@@ -145,6 +149,9 @@ class ThinkSafeSFTConfig(_ThinkSafeTrainerMixin, SFTConfig):
             # KL options mean nothing without KL
             self.kl_on_unfinished = False
             self.kl_weighting, self.kl_reference = DEFAULT_KL_WEIGHTING, DEFAULT_KL_REFERENCE
+            self.kl_coef = 1.0
+        if not (self.kl_coef > 0 and math.isfinite(self.kl_coef)):
+            raise ConfigError(f"--kl_coef must be a positive number, got {self.kl_coef}")
         if self.num_train_epochs != int(self.num_train_epochs) or self.num_train_epochs < 1:
             raise ConfigError(f"--epochs must be a positive integer, got {self.num_train_epochs}")
         self.check_and_place()

@@ -513,14 +513,16 @@ class KLSFTTrainer(SFTTrainer):
     for full fine-tuning pass `ref_model`, a frozen copy. `weighting` (KL_WEIGHTINGS) says how
     rows and tokens weigh: "row" (the paper's objective) or "token". CE per token comes from TRL's
     fused LM head (its `log_probs`), so no full-vocabulary logits are built for either term. CE and
-    KL are logged separately (`ce_loss`, `kl_loss`, per-token means of the micro-batch).
+    KL are logged separately (`ce_loss`, `kl_loss`, per-token means of the micro-batch, KL before
+    `kl_coef`, the weight of the KL term in the loss: 1 in the paper).
     """
 
-    def __init__(self, *args, ref_model=None, weighting: str = ROW_WEIGHTING, **kwargs):
+    def __init__(self, *args, ref_model=None, weighting: str = ROW_WEIGHTING, kl_coef: float = 1.0, **kwargs):
         if weighting not in KL_WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose one of: {', '.join(KL_WEIGHTINGS)}")
         super().__init__(*args, **kwargs)
         self.weighting = weighting
+        self.kl_coef = kl_coef  # the KL term's weight; 1 is the paper's loss
         self.rows_in_step: int | None = None  # rows with a loss token in this optimizer step, all processes
         if weighting == ROW_WEIGHTING:
             if self.compute_loss_func is not None or self.label_smoother is not None:
@@ -629,6 +631,8 @@ class KLSFTTrainer(SFTTrainer):
                                      teacher_head, kl_positions[kl_rows], reference)
                      if has_kl else ce_tokens.new_zeros(0))
 
+        self._log_means(mode, ce_tokens[ce_positions], kl_tokens)
+        kl_tokens = kl_tokens * self.kl_coef if self.kl_coef != 1.0 else kl_tokens
         if self.weighting == ROW_WEIGHTING:
             loss = self._row_loss(ce_tokens, ce_positions, kl_tokens, kl_positions)
         elif num_items_in_batch is None:  # no step count (evaluation): this micro-batch's tokens
@@ -637,7 +641,6 @@ class KLSFTTrainer(SFTTrainer):
         else:  # TRL's CE is already ce_sum / num_items_in_batch, scaled for the processes
             loss = ce_term + token_weighted_loss(torch.zeros_like(ce_term), kl_tokens.sum(), num_items_in_batch,
                                                  self._process_scale(num_items_in_batch))
-        self._log_means(mode, ce_tokens[ce_positions], kl_tokens)
         return (loss, None) if return_outputs else loss
 
     def _process_scale(self, num_items_in_batch) -> int:

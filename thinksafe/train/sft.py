@@ -49,7 +49,8 @@ PROG = "thinksafe train"
 # checkpointing only change how it is computed, so a resume on other hardware may change them.
 CONTENT_SETTINGS = {
     "model": ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "num_train_epochs",
+    "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "kl_coef",
+            "num_train_epochs",
             "max_steps",
             "learning_rate", "effective_batch_size", "max_length", "warmup_steps", "lr_scheduler_type",
             "max_grad_norm", "seed"),
@@ -74,7 +75,7 @@ def run_config(model_cfg: ThinkSafeModelConfig, run: RunArguments, sft: ThinkSaf
 
 
 # Settings that only matter with KL: a CE run given another kl_reference learns the same thing.
-KL_ONLY_SETTINGS = ("kl_on_unfinished", "kl_weighting", "kl_reference")
+KL_ONLY_SETTINGS = ("kl_on_unfinished", "kl_weighting", "kl_reference", "kl_coef")
 
 
 def identity_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) -> dict:
@@ -84,6 +85,8 @@ def identity_settings(model_cfg: ThinkSafeModelConfig, sft: ThinkSafeSFTConfig) 
     settings = content_settings(model_cfg, sft)
     if not settings["use_kl"]:
         settings = {key: value for key, value in settings.items() if key not in KL_ONLY_SETTINGS}
+    if settings.get("kl_coef") == 1.0:
+        del settings["kl_coef"]  # the paper's loss: runs named before kl_coef existed keep their hash
     return settings
 
 
@@ -154,6 +157,7 @@ def train_run(model_cfg, run: RunArguments, sft: ThinkSafeSFTConfig, cfg: RunCon
         ref_model=full_finetune_reference(model, model_cfg, sft),
         # Without KL this is plain SFT, token-weighted over the step as in the paper (TRL's own CE).
         weighting=sft.kl_weighting if sft.use_kl else TOKEN_WEIGHTING,
+        kl_coef=sft.kl_coef,
         callbacks=[umask_modes_callback(), trainer_progress_callback(),
                    *([idle_cpu_threads_callback()] if on_one_cpu_process else [])],
     )
