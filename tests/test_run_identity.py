@@ -35,7 +35,7 @@ def test_a_learning_rate_or_seed_sweep_gets_one_directory_per_point(output_root)
     names = {base.paths.name, lr.paths.name, seed.paths.name}
     assert len(names) == 3
     readable = {HASHED.fullmatch(name)["readable"] for name in names}
-    assert readable == {"smollm2-135M_thinksafe_r16_ep2_mask"}  # what people compare stays readable
+    assert readable == {"smollm2-135M_thinksafe_r16_ep1_mask"}  # what people compare stays readable
     # each run's record carries the setting its name hashes, for `train` to derive the same name
     assert (lr.record["sft"]["learning_rate"], seed.record["sft"]["seed"]) == (1e-3, 1)
     assert base.record["sft"]["learning_rate"] == 5e-4 and base.record["sft"]["seed"] == 42
