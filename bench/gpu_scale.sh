@@ -31,7 +31,10 @@ run() {
     > "$out/$name.log" 2>&1 || code=$?
   echo "$name: exit $code, wall $(( $(date +%s) - begin )) s" | tee -a "$out/walls.txt"
   # each stage's own lines (start-up apart from work) and the pipeline's step times
-  grep -hE "start-up|\] done in|finished in|replica|generation [0-9.]+ s" "$out/$name.log" > "$out/$name.lines.txt" || true
+  grep -hE "start-up|\] done in|finished in|replica|generation [0-9.]+ s|engine|after [0-9]+ s" "$out/$name.log" \
+    > "$out/$name.lines.txt" || true
+  # every stage's own log (timestamped lines: where a stage's seconds went)
+  (cd "$dir" && find . -name "*.log" | tar cf "$out/$name.stage_logs.tar" -T -) || true
 }
 [[ "$which_runs" == *1* ]] && run one_engine /tmp/scale_one
 [[ "$which_runs" == *2* ]] && run two_replicas /tmp/scale_two bench/data_parallel_2.yaml

@@ -87,6 +87,33 @@ def test_an_evaluation_served_by_the_shared_engine_writes_what_its_own_engine_wr
         assert metrics[0]["value"] == metrics[1]["value"] and metrics[0]["n"] == metrics[1]["n"]
 
 
+def test_one_process_evaluates_the_adapter_and_the_base_model_as_two_processes_would(
+        tiny_qwen3, tmp_path, output_root):
+    """`evaluate --also-model`: the pipeline's trained adapter and base model in one process (greedy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen3), lora).save_pretrained(adapter)
+    data = write_fixture_data(tmp_path / "data")
+    greedy = ["--temperature", "0", "--n", "1"]
+    assert evaluate_tiny(adapter, "trained", data, [*greedy, "--also-model", str(tiny_qwen3),
+                                                    "--also-run-name", "base"]) == 0
+    assert evaluate_tiny(adapter, "trained_alone", data, greedy) == 0
+    assert evaluate_tiny(tiny_qwen3, "base_alone", data, greedy) == 0
+    for together, alone in (("trained", "trained_alone"), ("base", "base_alone")):
+        for task in data:
+            assert rows_of(together, task) == rows_of(alone, task)
+            metrics = [json.loads((paths_for_name(run).task_dir(task) / "metrics.json").read_text())
+                       for run in (together, alone)]
+            assert metrics[0]["value"] == metrics[1]["value"] and metrics[0]["settings"] == metrics[1]["settings"]
+    assert rows_of("trained", "xstest") != rows_of("base", "xstest")  # two models, not one twice
+    # a rerun skips every finished task of both models
+    assert evaluate_tiny(adapter, "trained", data, [*greedy, "--also-model", str(tiny_qwen3),
+                                                    "--also-run-name", "base"]) == 0
+
+
 class FakeEngine:
     """A generator that records what the server asks of it."""
 
@@ -206,7 +233,10 @@ def test_the_pipeline_starts_one_engine_for_its_stages_and_stops_it_however_they
         if name == "train" and ending != "finished":
             raise StepFailed("train failed") if ending == "failed" else KeyboardInterrupt
 
+    evaluated = []
+
     def tasks(tasks, devices):
+        evaluated.extend(tasks)
         seen.extend(("evaluate " + t.run_name, SOCKET_ENV in os.environ) for t in tasks)
         return [(t, 0) for t in tasks]
 
@@ -227,8 +257,10 @@ def test_the_pipeline_starts_one_engine_for_its_stages_and_stops_it_however_they
     if ending == "finished":
         names = [name for name, _ in seen]  # the merge runs beside the evaluation (vLLM serves the adapter)
         assert names[:2] == ["synthesize", "train"] and names.count("merge") == 1
-        assert [n for n in names if n.startswith("evaluate")] == [f"evaluate {plan.paths.name}",
-                                                                  f"evaluate {plan.base.name}"]
+        # both models in one evaluation process (per task group): the trained run, then the base model
+        (task,) = evaluated
+        assert [n for n in names if n.startswith("evaluate")] == [f"evaluate {plan.paths.name}"]
+        assert task.extra[-4:] == ["--also-model", "demo/135M", "--also-run-name", plan.base.name]
 
 
 def test_the_shared_engine_is_on_by_default_only_on_one_gpu_with_vllm(monkeypatch, output_root):

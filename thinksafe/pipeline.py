@@ -157,7 +157,11 @@ def trained_model(plan: RunPlan) -> str:
     return str(adapter) if (adapter / ADAPTER_CONFIG).exists() else str(plan.paths.merged)
 
 
-def evaluate(plan: RunPlan, include_base: bool = True, include_trained: bool = True) -> list[tuple[Task, int]]:
+def evaluate(plan: RunPlan, include_base: bool = True, include_trained: bool = True,
+             together: bool = False) -> list[tuple[Task, int]]:
+    """`together` (a shared engine serves both models): the trained model and the base model in one
+    process per task group, one after the other (`evaluate --also-model`), its log in the run's logs;
+    each model's results where its own process would write them."""
     devices = list(plan.devices)
     groups = task_groups(evaluation_tasks(plan.model_type), devices)
     extra = ["--config", str(write_run_plan(plan))]
@@ -166,6 +170,10 @@ def evaluate(plan: RunPlan, include_base: bool = True, include_trained: bool = T
         models.append((trained_model(plan), plan.paths.name, plan.paths.logs))
     if include_base:
         models.append((f"{plan.model_type}/{plan.size}", plan.base.name, plan.base.results / "logs"))
+    if together and len(models) == 2:
+        (model, run_name, logs), (base, base_name, _) = models
+        models = [(model, run_name, logs)]
+        extra = [*extra, "--also-model", base, "--also-run-name", base_name]
     tasks = [evaluation_task(names, model, run_name, logs, extra)
              for model, run_name, logs in models for names in groups]
     return with_failed_groups_split(run_tasks_on_devices(tasks, devices), devices)
@@ -267,12 +275,13 @@ def run_stages(plan: RunPlan, args, trained: bool) -> int:
             if args.eval_only:
                 if trained and not plan.paths.merged.exists():
                     merge(plan)
-                results = evaluate(plan, include_base=not args.no_base, include_trained=trained)
+                results = evaluate(plan, include_base=not args.no_base, include_trained=trained,
+                                   together=server is not None)
             else:
                 synthesize_if_needed(plan)
                 train(plan)
                 with merge_beside(plan, server is not None and server.backend == "vllm"):
-                    results = evaluate(plan, include_base=not args.no_base)
+                    results = evaluate(plan, include_base=not args.no_base, together=server is not None)
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     key = bytes.fromhex(os.environ[KEY_ENV])
+    # vLLM's engine core in this process: the server is already the engine's own process, and a second
+    # one (spawned: imports, CUDA initialisation) would add its cold start to every run's first stage
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # the socket first: a stage may connect while the engine starts, and waits for its first answer
     with Listener(args.socket, "AF_UNIX", authkey=key) as listener:
         EngineServer(lambda: build_engine(args), lazy=args.lazy).serve(listener)

@@ -28,6 +28,10 @@ class EvaluationArguments:
         "help": "comma list of task names (eval/tasks/*.yaml) or a group: reasoning, safety, bundled, all"})
     run_name: str | None = field(default=None, metadata={
         "help": "results/<run-name>/ (default: the model dir's training run record, or <slug>_base)"})
+    also_model: str | None = field(default=None, metadata={
+        "help": "a second model evaluated on the same tasks in the same process, after --model (the pipeline: the "
+                "base model with the trained adapter, on its one shared engine)"})
+    also_run_name: str | None = field(default=None, metadata={"help": "--run-name of --also-model"})
     model_type: str | None = field(default=None, metadata={
         "help": "the model's family (default: the training run record, or the registry for a hub id; needed "
                 "for a model dir outside a training run)"})
@@ -70,6 +74,8 @@ class EvaluationArguments:
     def __post_init__(self):
         if not self.model or not self.tasks:
             raise ConfigError("--model and --tasks are required")
+        if self.also_run_name and not self.also_model:
+            raise ConfigError("--also-run-name names the run of --also-model: pass --also-model too")
         if isinstance(self.tasks, (list, tuple)):  # a YAML list in a recipe or run record
             self.tasks = ",".join(map(str, self.tasks))
         if self.model_type is not None and self.model_type not in FAMILIES:

@@ -56,21 +56,33 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate(args) -> list[dict]:
+    """The model's tasks, then (--also-model) another model's in the same process: the pipeline's base
+    model and trained adapter, one process and the one shared engine for both (thinksafe.shared_engine).
+    Each model writes its results where its own evaluation would."""
 
-
-    # Everything checkable without a model, before any result is touched.
+    # Everything checkable without a model, for every model, before any result is touched.
     wandb_mode(args.report_to)  # an online wandb that rejects the key: one line now, not after the work
     if args.device is not None:
         resolve_device(args.device)
-    model = resolve_eval_model(args.model, args.run_name, args.model_type)
+    planned = [plan_model(args, model, run_name) for model, run_name in models_asked(args)]
+    # one writer per task's results, taken before any of them is touched (a pipeline's parallel
+    # evaluation processes hold different tasks)
+    with writer_locks([(job.final_dir, "results directory") for jobs, _ in planned for job in jobs]):
+        return [result for jobs, model in planned for result in evaluate_jobs(jobs, model, args)]
+
+
+def models_asked(args) -> list[tuple[str, str | None]]:
+    also = [(args.also_model, args.also_run_name)] if args.also_model else []
+    return [(args.model, args.run_name), *also]
+
+
+def plan_model(args, model_name: str, run_name: str | None) -> tuple[list[Job], EvalModel]:
+    model = resolve_eval_model(model_name, run_name, args.model_type)
     check_model_source(model.source)
     jobs = plan_jobs(args, model, choose_backend(args.backend, model).name)
     check_contexts(jobs, model)
     require_writable_dir(paths_for_name(model.run_name).results, "results directory")
-    # one writer per task's results, taken before any of them is touched (a pipeline's parallel
-    # evaluation processes hold different tasks)
-    with writer_locks([(job.final_dir, "results directory") for job in jobs]):
-        return evaluate_jobs(jobs, model, args)
+    return jobs, model
 
 
 def evaluate_jobs(jobs: list[Job], model: EvalModel, args) -> list[dict]:
