@@ -2,10 +2,11 @@
 # Issue 30 on one GPU (the H200 lease): unpack the parts of ../shared/gpu-vllm/prepare.sh from /tmp/stage,
 # then the demo pipeline twice on a cold machine, each in a fresh output dir, and every stage's log and
 # the walls into $OUT (bench/README.md, "Engines started once and warm"):
-#   1. `./scripts/train_and_eval.sh 0 demo`: one engine per stage, in-process (the default);
+#   0. `THINKSAFE_SHARED_ENGINE=off ./scripts/train_and_eval.sh 0 demo`: one engine per stage, in-process;
+#   1. `./scripts/train_and_eval.sh 0 demo`: the pipeline's one shared engine (the default on one GPU);
 #   2. the same with 2 replicas for synthesis and evaluation (bench/data_parallel_2.yaml): two Ray actors,
 #      half of the one GPU and of its memory each.
-# Usage (from the repo root, on the GPU machine): OUT=/some/dir bench/gpu_scale.sh [1|2|12]
+# Usage (from the repo root, on the GPU machine): OUT=/some/dir bench/gpu_scale.sh [0|1|2|12...]
 set -euo pipefail
 which_runs="${1:-12}"
 stage=/tmp/stage
@@ -36,6 +37,7 @@ run() {
   # every stage's own log (timestamped lines: where a stage's seconds went)
   (cd "$dir" && find . -name "*.log" | tar cf "$out/$name.stage_logs.tar" -T -) || true
 }
+[[ "$which_runs" == *0* ]] && THINKSAFE_SHARED_ENGINE=off run per_stage_engines /tmp/scale_off
 [[ "$which_runs" == *1* ]] && run one_engine /tmp/scale_one
 [[ "$which_runs" == *2* ]] && run two_replicas /tmp/scale_two bench/data_parallel_2.yaml
 exit 0

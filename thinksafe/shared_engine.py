@@ -95,7 +95,10 @@ class EngineServer:
                 except (EOFError, OSError):
                     return True
                 if kind == "stop":
-                    connection.send(("ok", None))
+                    try:
+                        connection.send(("ok", None))
+                    except OSError:  # the pipeline did not wait for the answer: it is stopping anyway
+                        pass
                     return False
                 if kind == "info":
                     connection.send(("ok", self.info))
@@ -350,6 +353,7 @@ class EngineProcess:
             if self.alive() and self.socket.exists():
                 with Client(str(self.socket), "AF_UNIX", authkey=bytes.fromhex(self.key)) as connection:
                     connection.send(("stop",))
+                    connection.recv()
             self.process.wait(STOP_WAIT_S)
         except (OSError, EOFError, subprocess.TimeoutExpired):
             self.process.terminate()  # SIGTERM: the server unwinds and stops its engine (thinksafe.interrupt)
