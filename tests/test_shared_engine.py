@@ -277,3 +277,22 @@ def test_the_shared_engine_is_on_by_default_only_on_one_gpu_with_vllm(monkeypatc
     monkeypatch.setenv(shared_engine.MODE_ENV, "sometimes")
     with pytest.raises(pipeline.ThinksafeError, match="THINKSAFE_SHARED_ENGINE 'sometimes': choose one of auto"):
         pipeline.shared_engine_mode(None)
+
+
+def test_a_failure_at_run_time_exits_1_and_a_bad_input_exits_2(monkeypatch, capsys):
+    """A replica lost at run time, or the shared engine gone, is not a bad input: one line, exit 1."""
+    from thinksafe import cli, merge
+    from thinksafe.errors import ThinksafeError
+    from thinksafe.replicas import ReplicaFailure
+
+    def raising(error):
+        def main(argv):
+            raise error
+        return main
+
+    for error, code in ((ReplicaFailure("replica 1 of 2 (node n, GPU 1, pid 7) failed holding prompt p3: died"), 1),
+                        (SharedEngineError("the shared engine (pid 7) went away"), 1),
+                        (ThinksafeError("--epochs must be positive"), 2)):
+        monkeypatch.setattr(merge, "main", raising(error))
+        assert cli.main(["merge", "x"]) == code
+        assert capsys.readouterr().err.strip() == f"error: {error}"
