@@ -31,6 +31,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -43,7 +44,7 @@ MODE_ENV = "THINKSAFE_SHARED_ENGINE"  # the pipeline's --shared-engine default: 
 MODES = ("auto", "on", "off")
 KEY_ENV = "THINKSAFE_SHARED_ENGINE_KEY"  # the connection key (hex), for the server and its clients
 SOCKET_WAIT_S = 300.0  # for the server's socket to appear (its imports) before a stage gives up on it
-STOP_WAIT_S = 20.0  # for the server to stop its engine in order before it is killed
+STOP_WAIT_S = 10.0  # for the server to stop its engine in order before it is terminated (then killed)
 SERVED_OPTIONS = ("dtype", "max_model_len")  # engine options that change outputs: a stage's must match
 
 
@@ -348,20 +349,29 @@ class EngineProcess:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        """Ask the server to stop its engine in order; terminate it (then kill it) when it does not."""
+        """Ask the server to stop its engine in order; terminate it (then kill it) when it has not within
+        STOP_WAIT_S. The asking runs beside: a stage still connected (the pipeline interrupted under it)
+        keeps the server from answering, and the pipeline must not wait on that."""
         try:
-            if self.alive() and self.socket.exists():
-                with Client(str(self.socket), "AF_UNIX", authkey=bytes.fromhex(self.key)) as connection:
-                    connection.send(("stop",))
-                    connection.recv()
-            self.process.wait(STOP_WAIT_S)
-        except (OSError, EOFError, subprocess.TimeoutExpired):
-            self.process.terminate()  # SIGTERM: the server unwinds and stops its engine (thinksafe.interrupt)
-            try:
-                self.process.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            if self.alive():
+                threading.Thread(target=self._ask_to_stop, name="engine-stop", daemon=True).start()
+                try:
+                    self.process.wait(STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    self.process.terminate()  # SIGTERM: the server unwinds and stops its engine (thinksafe.interrupt)
+                    try:
+                        self.process.wait(STOP_WAIT_S)
+                    except subprocess.TimeoutExpired:
+                        self.process.kill()
+                        self.process.wait()
         finally:
             self.relay.close()
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _ask_to_stop(self) -> None:
+        try:
+            with Client(str(self.socket), "AF_UNIX", authkey=bytes.fromhex(self.key)) as connection:
+                connection.send(("stop",))
+                connection.recv()
+        except (OSError, EOFError):  # not listening yet, or gone: stop() terminates it
+            pass
