@@ -308,7 +308,7 @@ def shared_engine_wanted(plan: RunPlan, mode: str) -> bool:
     replicas (their own engines, on Ray)."""
     if mode != "auto":
         return mode == "on"
-    from thinksafe.engines import vllm_installed
+    from thinksafe.engines import vllm_installed  # deferred: engines import torch; the pipeline stays light
 
     if plan.num_devices != 1 or not vllm_installed():
         return False

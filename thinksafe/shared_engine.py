@@ -38,6 +38,7 @@ from pathlib import Path
 
 from thinksafe.console import TERMINAL, Relay, say
 from thinksafe.errors import ThinksafeError
+from thinksafe.steps import open_log, thinksafe_cmd
 
 SOCKET_ENV = "THINKSAFE_ENGINE_SERVER"  # JSON {socket, pid, log}: set by the pipeline for its stages
 MODE_ENV = "THINKSAFE_SHARED_ENGINE"  # the pipeline's --shared-engine default: auto, on or off
@@ -170,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_engine(args):
     """The generator the stages would build for this model, plus what a stage checks before using it."""
+    # deferred: torch and the engines load in the server only; the pipeline imports this module light
     from thinksafe.engines import BackendChoice, make_generator
-    from thinksafe.model_loading import default_device, resolve_model_path
-    from thinksafe.registry import resolve_model
+    from thinksafe.model_loading import default_device, resolve_model_path  # deferred: as above
+    from thinksafe.registry import resolve_model  # deferred: as above
 
     spec = resolve_model(args.model, model_type=args.model_type)
     on_gpu = default_device() == "cuda"
@@ -297,7 +299,7 @@ def process_alive(pid: int) -> bool:
 
 def not_served(info: dict, model_source: str, backend: str, kwargs: dict) -> str | None:
     """Why the shared engine cannot answer as the stage's own engine would; None when it can."""
-    from thinksafe.model_loading import resolve_model_path
+    from thinksafe.model_loading import resolve_model_path  # deferred: the pipeline imports this module light
 
     if backend != info["backend"]:
         return f"this stage generates with {backend}, the engine is {info['backend']}"
@@ -322,8 +324,6 @@ class EngineProcess:
     """The server process the pipeline starts and stops, its own lines on the terminal as `[engine] ...`."""
 
     def __init__(self, args: list[str], log: Path, env: dict):
-        from thinksafe.steps import open_log, thinksafe_cmd
-
         self.directory = Path(tempfile.mkdtemp(prefix="thinksafe-engine-"))  # private (0700); socket paths are short
         self.socket = self.directory / "engine.sock"
         self.key = secrets.token_hex(16)
