@@ -1,6 +1,9 @@
 """Live progress lines: done/total, rate and ETA, printed at most every few seconds and at the end."""
 
 import io
+import os
+
+import pytest
 
 from thinksafe.engines import HFGenerator
 from thinksafe.progress import Progress, format_seconds
@@ -88,7 +91,32 @@ def test_this_process_threads_count_once_in_the_run_queue(monkeypatch):
     assert seen >= 2  # the reading thread and at least one torch thread
     monkeypatch.setattr(model_loading, "_running_tasks_of_the_machine", lambda: 5)
     monkeypatch.setattr(model_loading, "_running_threads_of_this_process", lambda: 3)
+    monkeypatch.setattr(model_loading, "_running_threads_of_lower_priority", lambda: 0)
     assert model_loading.runnable_processes(samples=3, interval_s=0.0) == 3  # 5 running, 3 of them ours: 2 others + us
+    monkeypatch.setattr(model_loading, "_running_threads_of_lower_priority", lambda: 2)
+    assert model_loading.runnable_processes(samples=3, interval_s=0.0) == 1  # the 2 others are niced below us
+
+
+@pytest.mark.skipif(os.nice(0) >= 19, reason="nothing can be niced below a process at nice 19")
+def test_a_busy_process_niced_below_this_one_is_read_from_proc():
+    """A `nice -n 19` busy loop is seen as lower-priority work (it does not take a core from a stage)."""
+    import subprocess
+    import sys
+    import time
+
+    from thinksafe import model_loading
+
+    busy = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        seen = 0
+        while not seen and time.monotonic() < deadline:
+            seen = model_loading._running_threads_of_lower_priority()
+            time.sleep(0.05)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert seen >= 1
 
 
 def test_threads_are_re_read_at_most_every_so_often(monkeypatch):

@@ -303,11 +303,29 @@ def _running_tasks_of_the_machine() -> int | None:
         return None
 
 
+def _running_threads_of_lower_priority() -> int:
+    """Running threads of other processes niced below this one (a larger nice value): the scheduler
+    gives this process's threads the cores first (nice 19 weighs 15 against nice 0's 1024), so
+    background work such as `nice -n 19 pytest` does not take a core from it."""
+    own, own_nice = str(os.getpid()), os.nice(0)
+    running = 0
+    for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
+        if stat.parts[2] == own:
+            continue
+        try:  # after the ")" that closes the name: state is the 1st field, nice the 17th (proc(5): 3 and 19)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            running += fields[0] == "R" and int(fields[16]) > own_nice
+        except (OSError, IndexError, ValueError):
+            continue
+    return running
+
+
 def runnable_processes(samples: int = _RUN_QUEUE_SAMPLES, interval_s: float = 0.05) -> int:
     """The median of the instantaneous run queue (/proc/loadavg's running count), this process counted
-    once however many of its threads run: not the load average, which still counts the pipeline's
-    previous stage for a minute, and not this process's own torch threads, which still spin for a
-    moment after its last batch (read between batches, they would look like another process)."""
+    once however many of its threads run, and processes niced below it not at all: not the load
+    average, which still counts the pipeline's previous stage for a minute, and not this process's own
+    torch threads, which still spin for a moment after its last batch (read between batches, they
+    would look like another process)."""
     import statistics
     import time
 
@@ -316,7 +334,7 @@ def runnable_processes(samples: int = _RUN_QUEUE_SAMPLES, interval_s: float = 0.
         total = _running_tasks_of_the_machine()
         if total is None:
             return 1
-        counts.append(max(1, total - _running_threads_of_this_process() + 1))
+        counts.append(max(1, total - _running_threads_of_this_process() + 1 - _running_threads_of_lower_priority()))
         if i + 1 < samples:
             time.sleep(interval_s)
     return int(statistics.median(counts))
