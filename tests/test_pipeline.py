@@ -24,7 +24,7 @@ def test_demo_run_uses_the_demo_recipe(monkeypatch, output_root):
     plan = resolve_plan({"devices": "cpu", "model_type": "demo", "use_kl": "false"})
 
     sft = recipe_values("demo", "sft")
-    assert plan.rank == sft["lora_r"] and plan.epochs == sft["num_train_epochs"] == 2  # the recipe's (typed)
+    assert plan.rank == sft["lora_r"] and plan.epochs == sft["num_train_epochs"] == 1  # the recipe's (typed)
     # left empty, use_kl is the recipe's: the demo's first command trains ThinkSafe+KL
     assert sft["use_kl"] is True and resolve_plan({"devices": "cpu", "model_type": "demo"}).use_kl is True
     assert resolve_plan({"devices": "cpu", "model_type": "qwen"}, check_devices=False).use_kl is False  # the paper's
