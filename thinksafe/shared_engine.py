@@ -38,6 +38,7 @@ from pathlib import Path
 
 from thinksafe.console import TERMINAL, Relay, say
 from thinksafe.errors import ThinksafeError
+from thinksafe.serving import process_alive  # the launch scripts' check: a zombie has exited too
 from thinksafe.steps import open_log, thinksafe_cmd
 
 SOCKET_ENV = "THINKSAFE_ENGINE_SERVER"  # JSON {socket, pid, log}: set by the pipeline for its stages
@@ -284,17 +285,6 @@ def connect(server: dict):
             raise SharedEngineError(f"no socket at {server['socket']} after {SOCKET_WAIT_S:.0f} s")
         time.sleep(0.2)
     return Client(server["socket"], "AF_UNIX", authkey=bytes.fromhex(os.environ[KEY_ENV]))
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
 def not_served(info: dict, model_source: str, backend: str, kwargs: dict) -> str | None:
