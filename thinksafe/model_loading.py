@@ -284,15 +284,19 @@ _RUN_QUEUE_SAMPLES = 5
 CPU_THREADS_RECHECK_S = 60.0
 
 
+def _task_stat(stat: Path) -> list[str] | None:
+    """A thread's /proc stat fields after the ")" that closes its name (state first, nice 17th: proc(5)'s
+    3rd and 19th); None when the thread is gone or the line is cut."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _running_threads_of_this_process() -> int:
     """Threads of this process in state R (running or runnable) now: at least the one reading."""
-    running = 0
-    for stat in Path("/proc/self/task").glob("*/stat"):
-        try:  # the state is the first field after the ")" that closes the thread's name
-            running += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
-        except (OSError, IndexError):
-            continue
-    return max(running, 1)
+    states = (_task_stat(stat) for stat in Path("/proc/self/task").glob("*/stat"))
+    return max(sum(bool(fields) and fields[0] == "R" for fields in states), 1)
 
 
 def _running_tasks_of_the_machine() -> int | None:
@@ -310,13 +314,8 @@ def _running_threads_of_lower_priority() -> int:
     own, own_nice = str(os.getpid()), os.nice(0)
     running = 0
     for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
-        if stat.parts[2] == own:
-            continue
-        try:  # after the ")" that closes the name: state is the 1st field, nice the 17th (proc(5): 3 and 19)
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            running += fields[0] == "R" and int(fields[16]) > own_nice
-        except (OSError, IndexError, ValueError):
-            continue
+        fields = _task_stat(stat) if stat.parts[2] != own else None
+        running += bool(fields) and len(fields) > 16 and fields[0] == "R" and int(fields[16]) > own_nice
     return running
 
 

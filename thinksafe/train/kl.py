@@ -632,7 +632,7 @@ class KLSFTTrainer(SFTTrainer):
                      if has_kl else ce_tokens.new_zeros(0))
 
         self._log_means(mode, ce_tokens[ce_positions], kl_tokens)
-        kl_tokens = kl_tokens * self.kl_coef if self.kl_coef != 1.0 else kl_tokens
+        kl_tokens = kl_tokens * self.kl_coef  # exact at the paper's 1
         if self.weighting == ROW_WEIGHTING:
             loss = self._row_loss(ce_tokens, ce_positions, kl_tokens, kl_positions)
         elif num_items_in_batch is None:  # no step count (evaluation): this micro-batch's tokens

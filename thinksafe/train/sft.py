@@ -50,10 +50,8 @@ PROG = "thinksafe train"
 CONTENT_SETTINGS = {
     "model": ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
     "sft": ("completion_only_loss", "use_kl", "kl_on_unfinished", "kl_weighting", "kl_reference", "kl_coef",
-            "num_train_epochs",
-            "max_steps",
-            "learning_rate", "effective_batch_size", "max_length", "warmup_steps", "lr_scheduler_type",
-            "max_grad_norm", "seed"),
+            "num_train_epochs", "max_steps", "learning_rate", "effective_batch_size", "max_length", "warmup_steps",
+            "lr_scheduler_type", "max_grad_norm", "seed"),
 }
 
 
