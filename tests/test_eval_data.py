@@ -100,9 +100,11 @@ def test_prompt_labels_are_registry_labels(name):
         is_harmful_label(row["label"])  # raises on an unknown label
 
 
-def test_demo_train_is_balanced():
+def test_demo_train_holds_64_harmful_and_128_benign_prompts_interleaved():
     harmful = [is_harmful_label(row["label"]) for row in load("prompts/demo_train.jsonl")]
-    assert sum(harmful) == len(harmful) - sum(harmful) == 64
+    assert sum(harmful) == 64 and len(harmful) - sum(harmful) == 128
+    # one harmful prompt then two benign ones, so the first N prompts (--limit N) keep the balance
+    assert harmful == [True, False, False] * 64
 
 
 def test_heldout_is_all_harmful():
@@ -143,7 +145,7 @@ def test_overlap_check_catches_a_near_duplicate():
 def test_borderline_benign_prompts_are_not_xstest_paraphrases():
     """The demo's borderline-benign training prompts must not be (near) copies of XSTest prompts."""
     borderline = [r["instruction"] for r in load("prompts/demo_train.jsonl") if r["source"] == "thinksafe-borderline"]
-    assert len(borderline) == 32
+    assert len(borderline) == 96
     xstest = [set(normalise(r["prompt"]).split()) for r in load("data/xstest.jsonl")]
     for prompt in borderline:
         words = set(normalise(prompt).split())
