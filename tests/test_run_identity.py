@@ -38,15 +38,15 @@ def test_a_learning_rate_or_seed_sweep_gets_one_directory_per_point(output_root)
     assert readable == {"smollm2-135M_thinksafe_r16_ep1_mask"}  # what people compare stays readable
     # each run's record carries the setting its name hashes, for `train` to derive the same name
     assert (lr.record["sft"]["learning_rate"], seed.record["sft"]["seed"]) == (1e-3, 1)
-    assert base.record["sft"]["learning_rate"] == 5e-4 and base.record["sft"]["seed"] == 42
+    assert base.record["sft"]["learning_rate"] == 2e-3 and base.record["sft"]["seed"] == 42
 
 
 def test_the_same_settings_find_the_same_directory_however_given(output_root):
     """Values equal after parsing and given in any order name one run; train derives the plan's name."""
-    assert demo_plan(learning_rate=5e-4, seed=42).paths.name == demo_plan().paths.name
+    assert demo_plan(learning_rate=2e-3, seed=42).paths.name == demo_plan().paths.name
     assert settings_hash({"a": 1, "b": 0.0005}) == settings_hash({"b": 5e-4, "a": 1})
     plan = demo_plan(seed=7)
-    argv = ["--model", "demo", "--dataset", "thinksafe", "--seed", "7", "--learning_rate", "0.0005", "--use_kl", "false"]
+    argv = ["--model", "demo", "--dataset", "thinksafe", "--seed", "7", "--learning_rate", "0.002", "--use_kl", "false"]
     assert sft.run_config(*sft.parse_args(argv)).settings_hash == HASHED.fullmatch(plan.paths.name)["hash"]
 
 
