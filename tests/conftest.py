@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+# A shell's background job (`cmd &` without job control, as `nohup ... &` in a script) starts with
+# SIGINT ignored, and an ignored signal stays ignored through exec: every command the tests start
+# would then ignore Ctrl-C, and the interruption tests fail (seen on 2026-12-03: six of them). A
+# handler set here is reset to the default in each child at exec, so the children get Ctrl-C again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
