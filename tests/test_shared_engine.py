@@ -102,13 +102,9 @@ def test_one_process_evaluates_the_adapter_and_the_base_model_as_two_processes_w
                                                     "--also-run-name", "base"]) == 0
     assert evaluate_tiny(adapter, "trained_alone", data, greedy) == 0
     assert evaluate_tiny(tiny_qwen3, "base_alone", data, greedy) == 0
-    # The same rows and the same greedy opening: the engine process and an in-process engine can round a
-    # near-tie differently further on (CI, 2026-12-03: "The code of the game is a game" against "... is
-    # not available", the 7th token), so only the first four words are held equal.
     for together, alone in (("trained", "trained_alone"), ("base", "base_alone")):
         for task in data:
-            assert [(i, s, text.split()[:4]) for i, s, text, _, _ in rows_of(together, task)] == \
-                [(i, s, text.split()[:4]) for i, s, text, _, _ in rows_of(alone, task)]
+            assert rows_of(together, task) == rows_of(alone, task)
             metrics = [json.loads((paths_for_name(run).task_dir(task) / "metrics.json").read_text())
                        for run in (together, alone)]
             assert metrics[0]["value"] == metrics[1]["value"] and metrics[0]["settings"] == metrics[1]["settings"]
@@ -337,7 +333,11 @@ def test_the_pipelines_engine_serves_both_evaluations_as_their_own_engines_would
     monkeypatch.delenv(SOCKET_ENV)
     assert ev.main(["--model", str(adapter), "--run-name", "trained_alone", *common]) == 0
     assert ev.main(["--model", str(demo_model), "--run-name", "base_alone", *common]) == 0
+    # The same rows and the same greedy opening: the engine process and an in-process engine round a
+    # near-tie differently further on (CI, 2026-12-03, twice: "The code of the game is a game" against
+    # "... is not available", the 7th token), so only the first four words are held equal.
     for together, alone in (("trained", "trained_alone"), ("base", "base_alone")):
         for task in data:
-            assert rows_of(together, task) == rows_of(alone, task)
+            assert [(i, s, text.split()[:4]) for i, s, text, _, _ in rows_of(together, task)] == \
+                [(i, s, text.split()[:4]) for i, s, text, _, _ in rows_of(alone, task)]
     assert rows_of("trained", "xstest") != rows_of("base", "xstest")  # the adapter was served, not the base twice
